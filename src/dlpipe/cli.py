@@ -1,0 +1,66 @@
+"""`python -m dlpipe <stage> [model]` and the `dlpipe` command.
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from dlpipe.errors import DlpipeError
+
+STAGE_NAMES = ("fetch_images", "fetch_stocks", "augment", "train", "export", "evaluate", "report")
+MODEL_STAGES = ("train", "export", "evaluate")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlpipe", description="Run one stage of the dlpipe pipeline (as dvc.yaml does).")
+    p.add_argument("stage", choices=(*STAGE_NAMES, "models"), help="pipeline stage to run, or 'models' to list registered models")
+    p.add_argument("model", nargs="?", help="model name for train / export / evaluate (see `dlpipe models`)")
+    p.add_argument("--params", default=os.environ.get("DLPIPE_PARAMS", "params.yaml"), help="params file (default: params.yaml)")
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.stage == "models":
+        from dlpipe.models import get_spec, list_models
+
+        for name in list_models():
+            spec = get_spec(name)
+            print(f"{name:10s} {spec.task:11s} {spec.summary}")
+        return 0
+    if args.stage in MODEL_STAGES and not args.model:
+        raise DlpipeError(f"stage {args.stage!r} needs a model name, e.g. `dlpipe {args.stage} cnn`")
+    if args.stage not in MODEL_STAGES and args.model:
+        raise DlpipeError(f"stage {args.stage!r} takes no model name (got {args.model!r})")
+
+    from dlpipe.config import load_config
+
+    config = load_config(args.params)
+    if args.model:
+        config.train_params(args.model)
+        if args.model not in config.params.models:
+            raise DlpipeError(f"model {args.model!r} is not in models: {config.params.models} of {config.params_file}")
+
+    from dlpipe import stages
+
+    stage = stages.STAGES[args.stage]
+    stage(config, args.model) if args.model else stage(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dlpipe").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        code = run(argv)
+    except DlpipeError as exc:
+        print(f"dlpipe: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

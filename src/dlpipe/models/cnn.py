@@ -1,0 +1,114 @@
+"""Convolutional image classifiers: a simple two-block CNN and LeNet-5.
+
+Inputs are float images in [0, 1], shape (B, C, H, W); outputs are class logits (B, num_classes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlpipe.models import register_model
+from dlpipe.models.layers import Standardize, conv_out_size
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    # 'same' padding keeps H and W so that only the pooling layers shrink the image.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SimpleCNN(nn.Module):
+    """Conv blocks (conv3x3-BN-ReLU, max-pool 2) followed by a dropout-regularised two-layer head."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        channels: tuple[int, ...] = (32, 64),
+        hidden: int = 128,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.standardize = Standardize((1, in_channels, 1, 1))
+        blocks: list[nn.Module] = []
+        size, previous = image_size, in_channels
+        for width in channels:
+            blocks += [conv_bn_relu(previous, width), nn.MaxPool2d(2)]
+            size, previous = conv_out_size(size, kernel=2, stride=2), width
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for {len(channels)} pooling stages")
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(previous * size * size, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x)  # (B, C, H, W)
+        x = self.features(x)  # (B, channels[-1], H / 2^k, W / 2^k)
+        return self.head(x)  # (B, num_classes)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al., 1998): conv5x5 -> pool -> conv5x5 -> pool -> FC 120 -> FC 84 -> classes.
+
+    The original takes 32x32 inputs; smaller images are zero-padded up to 32 so that the second
+    convolution still sees a 5x5 field, as the 28x28 MNIST digits were in the paper.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.standardize = Standardize((1, in_channels, 1, 1))
+        self.pad = max(0, (32 - image_size + 1) // 2)
+        size = image_size + 2 * self.pad
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, kernel_size=5),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+        )
+        size = conv_out_size(conv_out_size(conv_out_size(conv_out_size(size, 5), 2, 2), 5), 2, 2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * size * size, 120),
+            nn.Tanh(),
+            nn.Linear(120, 84),
+            nn.Tanh(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x)  # (B, C, H, W)
+        x = nn.functional.pad(x, (self.pad,) * 4)  # (B, C, 32, 32) for MNIST-sized inputs
+        x = self.features(x)  # (B, 16, 5, 5)
+        return self.classifier(x)  # (B, num_classes)
+
+
+@register_model("cnn", task="classifier")
+def simple_cnn(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    channels: tuple[int, ...] = (32, 64),
+    hidden: int = 128,
+    dropout: float = 0.3,
+) -> nn.Module:
+    """Simple CNN: two conv3x3-BN-ReLU-pool blocks and a dropout MLP head."""
+    return SimpleCNN(in_channels, image_size, num_classes, tuple(channels), hidden, dropout)
+
+
+@register_model("lenet5", task="classifier")
+def lenet5(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """LeNet-5 with tanh activations and average pooling, as in the 1998 paper."""
+    return LeNet5(in_channels, image_size, num_classes)
