@@ -1,0 +1,56 @@
+"""Fixtures: every test works in its own tmp_path project with tiny parameters (a few hundred images,
+one epoch), so nothing touches the repository's data/, models/, reports/ or mlflow.db."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml, shrunk so a full pipeline run takes seconds on two cores."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["images"]["limit"] = 300
+    params["augment"]["preview_count"] = 4
+    params["train"]["cnn"].update(epochs=1, batch_size=64)
+    params["train"]["lstm"].update(epochs=1, window=10)
+    params["evaluate"].update(latency_warmup=1, latency_runs=5)
+    return params
+
+
+def write_project(root: Path, params: dict) -> Path:
+    """A project directory: params.yaml plus the committed samples. Returns the params file."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "data" / "samples", root / "data" / "samples", dirs_exist_ok=True)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params_file
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch):
+    # A developer's MLFLOW_TRACKING_URI must not receive test runs.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DLPIPE_PARAMS", raising=False)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """Params file of a tiny project in tmp_path."""
+    return write_project(tmp_path / "project", tiny_params())
+
+
+@pytest.fixture
+def config(project):
+    from dlpipe.config import load_config
+
+    return load_config(project)
