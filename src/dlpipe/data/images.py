@@ -194,11 +194,12 @@ def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[
     stratify_ok = np.bincount(y).min() >= 3
     if params.limit is not None and params.limit < len(y):
         x, _, y, _ = train_test_split(x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None)
-    holdout = params.val_fraction + params.test_fraction
+    # Integer sizes: fractions of fractions (0.2 / 0.3 of 90) round up unpredictably in float.
+    n_val, n_test = round(len(y) * params.val_fraction), round(len(y) * params.test_fraction)
     try:
-        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y if stratify_ok else None)
+        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=n_val + n_test, random_state=seed, stratify=y if stratify_ok else None)
         x_val, x_test, y_val, y_test = train_test_split(
-            x_rest, y_rest, test_size=params.test_fraction / holdout, random_state=seed, stratify=y_rest if stratify_ok else None
+            x_rest, y_rest, test_size=n_test, random_state=seed, stratify=y_rest if stratify_ok else None
         )
     except ValueError as exc:
         raise DlpipeError(f"data.images.limit: {len(y)} images are too few to split into train/val/test ({exc})") from exc

@@ -1,0 +1,161 @@
+"""Each stage function on tiny data in tmp_path, chained as the pipeline chains them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dlpipe import stages, tracking
+from dlpipe.errors import DlpipeError
+
+CLASSIFIER_KEYS = {"test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "macro_f1"}
+FORECASTER_KEYS = {"rmse", "mae", "directional_accuracy", "persistence_rmse", "rmse_ratio_vs_persistence"}
+COMMON_KEYS = {
+    "params",
+    "train_seconds",
+    "onnx_max_abs_diff",
+    "latency_ms_torch_b1_p50",
+    "latency_ms_onnx_b1_p50",
+    "latency_ms_onnx_b1_p99",
+    "latency_ms_onnx_b32_p50",
+    "throughput_onnx_b32_per_s",
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """Run every stage once on a tiny project; tests below inspect what it left behind."""
+    import os
+
+    from conftest import tiny_params, write_project
+    from dlpipe.config import load_config
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    config = load_config(write_project(tmp_path_factory.mktemp("pipeline"), tiny_params()))
+    results = {"fetch_images": stages.fetch_images(config), "fetch_stocks": stages.fetch_stocks(config), "augment": stages.augment(config)}
+    for model in config.params.models:
+        for stage in ("train", "export", "evaluate"):
+            results[f"{stage}@{model}"] = stages.STAGES[stage](config, model)
+    results["report"] = stages.report(config)
+    return config, results
+
+
+def test_fetch_images_writes_stratified_splits(pipeline_run):
+    config, results = pipeline_run
+    meta = json.loads((config.paths.raw_images / "meta.json").read_text())
+    assert meta["counts"] == {"train": 210, "val": 30, "test": 60}
+    assert meta["class_counts"]["test"] == [6] * 10  # 300 images, 30 per class, 20% test
+    assert meta["channels"] == 1 and meta["height"] == 28 and len(meta["sha256"]) == 64
+    with np.load(config.paths.raw_images / "train.npz") as split:
+        assert split["x"].dtype == np.uint8 and split["x"].shape == (210, 1, 28, 28)
+
+
+def test_fetch_stocks_copies_validated_prices(pipeline_run):
+    config, results = pipeline_run
+    assert results["fetch_stocks"]["rows"] == 2148
+    header = (config.paths.raw_stocks / "prices.csv").read_text().splitlines()[0]
+    assert header == "Date,Open,High,Low,Close,Volume"
+
+
+def test_augment_adds_copies_and_preview(pipeline_run):
+    config, results = pipeline_run
+    assert results["augment"] == {**results["augment"], "originals": 210, "total": 420}
+    assert (config.paths.figures / "augment_preview.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("model", ["cnn", "lstm"])
+def test_train_writes_checkpoint_and_one_tagged_run(pipeline_run, model):
+    config, results = pipeline_run
+    info = results[f"train@{model}"]
+    assert config.paths.checkpoint(model).is_file()
+    assert json.loads(config.paths.train_info(model).read_text())["run_id"] == info["run_id"]
+    run = tracking.client(config).get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model"] == model
+    assert run.data.tags["params_hash"] == config.params_hash
+    assert run.data.tags["data_sha256"] == info["data_sha256"]
+    assert "git_sha" in run.data.tags
+    assert "val/loss" in run.data.metrics and "train_seconds" in run.data.metrics
+    history = tracking.client(config).get_metric_history(info["run_id"], "val/loss")
+    assert len(history) >= 1
+    artifacts = {a.path for a in tracking.client(config).list_artifacts(info["run_id"], "checkpoints")}
+    assert artifacts == {"checkpoints/best.ckpt"}
+
+
+@pytest.mark.parametrize(("model", "task_keys"), [("cnn", CLASSIFIER_KEYS), ("lstm", FORECASTER_KEYS)])
+def test_evaluate_writes_contract_metrics(pipeline_run, model, task_keys):
+    config, results = pipeline_run
+    metrics = json.loads(config.paths.metrics(model).read_text())
+    assert COMMON_KEYS | task_keys <= set(metrics)
+    assert metrics["onnx_max_abs_diff"] <= config.params.export.parity_atol
+    assert metrics["latency_ms_onnx_b1_p99"] >= metrics["latency_ms_onnx_b1_p50"] > 0
+    assert metrics["params"] == results[f"train@{model}"]["params"]
+
+
+def test_classifier_metrics_are_consistent(pipeline_run):
+    config, _ = pipeline_run
+    metrics = json.loads(config.paths.metrics("cnn").read_text())
+    assert metrics["onnx_top1_agreement"] == 1.0
+    assert metrics["onnx_accuracy"] == metrics["test_accuracy"]
+    assert metrics["onnx_accuracy"] > 0.3  # one epoch on 420 images is far above chance (0.1)
+    predictions = (config.paths.plots("cnn") / "predictions.csv").read_text().splitlines()
+    assert predictions[0] == "actual,predicted" and len(predictions) == 61
+
+
+def test_forecaster_baseline_is_computed_from_prices(pipeline_run):
+    config, _ = pipeline_run
+    metrics = json.loads(config.paths.metrics("lstm").read_text())
+    import pandas as pd
+
+    table = pd.read_csv(config.paths.plots("lstm") / "forecast.csv")
+    persistence = np.sqrt(np.mean((table["persistence"] - table["actual"]) ** 2))
+    assert metrics["persistence_rmse"] == pytest.approx(persistence)
+    assert metrics["rmse_ratio_vs_persistence"] == pytest.approx(metrics["rmse"] / metrics["persistence_rmse"])
+    assert 0.0 <= metrics["directional_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("model", ["cnn", "lstm"])
+def test_export_registers_version_with_champion_alias(pipeline_run, model):
+    config, results = pipeline_run
+    assert results[f"export@{model}"]["registered_version"] == "1"
+    version = tracking.client(config).get_model_version_by_alias(f"dlpipe-{model}", "champion")
+    assert str(version.version) == "1" and version.run_id == results[f"train@{model}"]["run_id"]
+
+
+def test_onnx_model_runs_in_onnxruntime_with_dynamic_batch(pipeline_run):
+    import onnxruntime as ort
+
+    config, _ = pipeline_run
+    session = ort.InferenceSession(str(config.paths.onnx("cnn")), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        assert session.run(None, {"input": np.zeros((batch, 1, 28, 28), np.float32)})[0].shape == (batch, 10)
+    assert not config.paths.onnx("cnn").with_suffix(".onnx.data").exists()  # single file
+
+
+def test_report_summarises_all_models(pipeline_run):
+    config, results = pipeline_run
+    summary = json.loads(config.paths.summary.read_text())
+    assert set(summary) == {"cnn", "lstm"}
+    page = config.paths.report_html.read_text()
+    assert "<table>" in page and "plots/cnn/confusion.png" in page and "plots/lstm/forecast.png" in page
+
+
+def test_parity_failure_keeps_previous_onnx(pipeline_run, monkeypatch):
+    from dlpipe import export as export_module
+
+    config, _ = pipeline_run
+    target = config.paths.onnx("cnn")
+    before = target.read_bytes()
+    monkeypatch.setattr(export_module, "max_abs_diff", lambda *a, **k: 1.0)
+    with pytest.raises(DlpipeError, match="parity_atol"):
+        stages.export(config, "cnn")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_unknown_model_stage_raises(pipeline_run):
+    config, _ = pipeline_run
+    with pytest.raises(DlpipeError, match="unknown model 'vgg'"):
+        stages.train(config, "vgg")
