@@ -159,9 +159,25 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def quantize(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "consider pre-processing" advice, logged on the root logger for every model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """Node count per op type of the main graph (shows what quantize_dynamic replaced)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], threads: int | None, workdir: Path) -> dict[str, Any]:
@@ -193,6 +209,8 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
         "onnx_provider": fp32.get_providers()[0],
         "fp32_onnx_bytes": fp32_path.stat().st_size,
         "int8_onnx_bytes": None,
+        "fp32_op_counts": op_counts(fp32_path),
+        "int8_op_counts": None,
         "int8_error": None,
         "batches": {},
     }
@@ -203,9 +221,10 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
         int8 = cpu_session(int8_path, threads)
         int8.run(None, {INPUT_NAME: inputs[1]})  # some unsupported int8 kernels only fail on the first run
         result["int8_onnx_bytes"] = int8_path.stat().st_size
+        result["int8_op_counts"] = op_counts(int8_path)
     except Exception as exc:  # noqa: BLE001 - any quantization failure is a result to record, not a crash
         int8 = None
-        result["int8_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        result["int8_error"] = f"{type(exc).__name__}: {str(exc).strip()}"[:2000]
 
     warmup, runs = args.warmup, args.runs
     for batch in BATCH_SIZES:
@@ -244,6 +263,13 @@ def _f(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def first_line(text: str | None, width: int = 100) -> str:
+    if not text:
+        return "-"
+    line = text.splitlines()[0]
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def format_table(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     head = (
@@ -274,7 +300,7 @@ def format_table(payload: dict[str, Any]) -> str:
         scale = max(r["fp32_output_max_abs"] for r in result["batches"].values())
         lines.append(
             f"{name:<8} | {fp32_kib:>14.1f} {_f(int8_kib, '.1f'):>14} {_f(ratio(fp32_kib, int8_kib), '.2f'):>10} |"
-            f" {_f(result['int8_vs_fp32_max_abs_diff'], '.2e'):>14} {scale:>10.3g} | {result['int8_error'] or '-'}"
+            f" {_f(result['int8_vs_fp32_max_abs_diff'], '.2e'):>14} {scale:>10.3g} | {first_line(result['int8_error'])}"
         )
     lines.append("torch/fp32 > 1: ONNX Runtime fp32 is faster than PyTorch eager; fp32/int8 > 1: int8 is faster than fp32.")
     return "\n".join(lines)
