@@ -279,7 +279,8 @@ def format_table(payload: dict[str, Any]) -> str:
     lines = [
         f"latency in ms (p50/p99 of {payload['settings']['runs']} runs, {payload['settings']['warmup']} warm-up); "
         f"{env['ort_intra_op_threads']} intra-op thread(s) for torch and onnxruntime; "
-        f"torch {env['torch_version']}, onnxruntime {env['onnxruntime_version']}, {env['cpu_count']} CPUs ({env['cpu_model']})",
+        f"torch {env['torch_version']}, onnxruntime {env['onnxruntime_version']}, {env['cpu_count']} CPUs ({env['cpu_model']}); "
+        f"1-min load average {env['loadavg_1m_before']:.2f} before, {env['loadavg_1m_after']:.2f} after",
         head,
         "-" * len(head),
     ]
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     threads_used = args.threads if args.threads is not None else physical_cores()
     torch.set_num_threads(threads_used)  # same intra-op parallelism as onnxruntime: a fair comparison
 
+    load_before = os.getloadavg()  # other work on the machine shows up as noise, mostly in p99
     started = time.perf_counter()
     models: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dlpipe-bench-") as tmp:
@@ -355,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             "ort_intra_op_threads_source": "--threads" if args.threads is not None else "onnxruntime default (physical cores; session from dlpipe.export.session)",
             "torch_num_threads": torch.get_num_threads(),
             "torch_num_interop_threads": torch.get_num_interop_threads(),
+            "loadavg_1m_before": load_before[0],
+            "loadavg_1m_after": os.getloadavg()[0],
         },
         "models": models,
     }

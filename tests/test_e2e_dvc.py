@@ -71,9 +71,12 @@ def test_one_finished_tagged_run_per_model(repo):
     import mlflow
 
     root, _ = repo
-    runs = mlflow.search_runs(
-        experiment_names=["dlpipe"], filter_string="attributes.status = 'FINISHED'", tracking_uri=f"sqlite:///{root / 'mlflow.db'}"
-    )
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["dlpipe"], filter_string="attributes.status = 'FINISHED'")
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert sorted(runs["tags.model"]) == ["cnn", "lstm"]
     for column in ("tags.git_sha", "tags.params_hash", "tags.data_sha256"):
         assert runs[column].notna().all() and (runs[column] != "").all()

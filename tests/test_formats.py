@@ -138,7 +138,6 @@ def test_read_idx_extra_trailing_bytes_rejected(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=struct.error, reason="BUG: read_idx does not check the header length (struct.error)")
 def test_read_idx_truncated_header_is_dlpipe_error(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 0x08, 3, 0, 0]))  # promises 3 sizes, holds half of one
@@ -147,7 +146,6 @@ def test_read_idx_truncated_header_is_dlpipe_error(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(OSError, EOFError), reason="BUG: read_idx lets gzip errors escape")
 def test_read_idx_corrupt_gzip_is_dlpipe_error(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(b"<html>404 Not Found</html>")  # what a misconfigured mirror serves

@@ -244,7 +244,6 @@ def test_split_too_small_limit(mnist_5k):
     assert "20 images" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: limit < number of classes escapes as sklearn's ValueError")
 def test_split_limit_below_class_count(mnist_5k):
     with pytest.raises(DlpipeError, match=r"data\.images\.limit"):
         split_stratified(mnist_5k, ImagesParams(source="mnist_5k", limit=5), seed=0)
@@ -469,7 +468,6 @@ def test_mirror_without_trailing_slash(mirror, tmp_path):
     _assert_mnist(load_images(params, cache=tmp_path / "cache", root=tmp_path), written)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: any ValueError from pooch (here: unknown URL scheme) is reported as a checksum mismatch")
 def test_bad_mirror_scheme_is_not_a_checksum_error(tmp_path):
     params = ImagesParams(source="mnist", mirror="htp://127.0.0.1:9/")
     with pytest.raises(DlpipeError, match="download failed"):

@@ -25,11 +25,16 @@ _IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file, gzip-compressed or not."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:  # e.g. a mirror's HTML error page saved under a .gz name
+        raise DlpipeError(f"{path}: cannot decompress ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DlpipeError(f"{path}: not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header_end = 4 + 4 * ndim
+    if len(raw) < header_end:
+        raise DlpipeError(f"{path}: IDX header truncated ({len(raw)} bytes, needs {header_end})")
     shape = struct.unpack(f">{ndim}I", raw[4:header_end])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header_end != expected:
@@ -60,8 +65,11 @@ def read_cifar10_archive(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
                     continue
                 images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(entry[b"labels"], dtype=np.int64))
-    except (tarfile.TarError, OSError, KeyError, pickle.UnpicklingError) as exc:
+    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
         raise DlpipeError(f"{path}: not a CIFAR-10 python archive ({exc})") from exc
     if not images or names is None:
         raise DlpipeError(f"{path}: CIFAR-10 archive has no data batches or no batches.meta")
-    return np.concatenate(images), np.concatenate(labels), names
+    x, y = np.concatenate(images), np.concatenate(labels)
+    if len(x) != len(y):
+        raise DlpipeError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x, y, names

@@ -107,7 +107,10 @@ def _download(name: str, params: ImagesParams, cache: Path) -> dict[str, Path]:
                 path=cache / name,
                 progressbar=True,
             )
-        except ValueError as exc:  # pooch raises ValueError on a hash mismatch
+        except ValueError as exc:
+            # pooch reports a hash mismatch as ValueError, but so are bad URLs (requests' InvalidURL, ...).
+            if "hash" not in str(exc):
+                raise DlpipeError(f"{mirror + remote.name}: download failed ({type(exc).__name__}: {exc})") from exc
             raise DlpipeError(f"{mirror + remote.name}: checksum mismatch, expected {known_hash}") from exc
         except Exception as exc:  # noqa: BLE001 - any transport error becomes one clear line
             raise DlpipeError(f"{mirror + remote.name}: download failed ({type(exc).__name__}: {exc})") from exc
@@ -192,11 +195,11 @@ def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[
     """Shuffle, optionally subsample to `limit`, and split into train/val/test with class balance kept."""
     x, y = images.x, images.y
     stratify_ok = np.bincount(y).min() >= 3
-    if params.limit is not None and params.limit < len(y):
-        x, _, y, _ = train_test_split(x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None)
     # Integer sizes: fractions of fractions (0.2 / 0.3 of 90) round up unpredictably in float.
-    n_val, n_test = round(len(y) * params.val_fraction), round(len(y) * params.test_fraction)
     try:
+        if params.limit is not None and params.limit < len(y):
+            x, _, y, _ = train_test_split(x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None)
+        n_val, n_test = round(len(y) * params.val_fraction), round(len(y) * params.test_fraction)
         x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=n_val + n_test, random_state=seed, stratify=y if stratify_ok else None)
         x_val, x_test, y_val, y_test = train_test_split(
             x_rest, y_rest, test_size=n_test, random_state=seed, stratify=y_rest if stratify_ok else None
