@@ -14,7 +14,23 @@ from dlpipe.data.images import load_split
 from dlpipe.data.stocks import Windows, make_windows, read_prices, split_chronological
 
 
-class ImageDataModule(L.LightningDataModule):
+class _SplitLoaders(L.LightningDataModule):
+    """train/val/test loaders from one `_loader(split, shuffle)`; only training data is shuffled."""
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class ImageDataModule(_SplitLoaders):
     """train from the augmented set, val/test from the raw split; batches are (uint8 images, labels)."""
 
     def __init__(self, raw_dir: Path, augmented_dir: Path, batch_size: int, num_workers: int = 0) -> None:
@@ -44,17 +60,8 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-class StockWindowDataModule(L.LightningDataModule):
+class StockWindowDataModule(_SplitLoaders):
     """Sliding windows of daily features -> next-day log return, split chronologically."""
 
     def __init__(self, prices_csv: Path, window: int, batch_size: int, num_workers: int = 0) -> None:
@@ -71,15 +78,6 @@ class StockWindowDataModule(L.LightningDataModule):
         windows = self.splits[split]
         dataset = TensorDataset(torch.from_numpy(windows.x), torch.from_numpy(windows.y))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Mean/std of the inputs (per feature) and of the target, from the training split only."""

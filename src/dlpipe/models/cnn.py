@@ -5,6 +5,8 @@ Inputs are float images in [0, 1], shape (B, C, H, W); outputs are class logits 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -21,15 +23,16 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+@register_model("cnn", task="classifier")
 class SimpleCNN(nn.Module):
-    """Conv blocks (conv3x3-BN-ReLU, max-pool 2) followed by a dropout-regularised two-layer head."""
+    """Simple CNN: conv blocks (conv3x3-BN-ReLU, max-pool 2) followed by a dropout-regularised two-layer head."""
 
     def __init__(
         self,
         in_channels: int,
         image_size: int,
         num_classes: int,
-        channels: tuple[int, ...] = (32, 64),
+        channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         dropout: float = 0.3,
     ) -> None:
@@ -58,6 +61,7 @@ class SimpleCNN(nn.Module):
         return self.head(x)  # (B, num_classes)
 
 
+@register_model("lenet5", task="classifier")
 class LeNet5(nn.Module):
     """LeNet-5 (LeCun et al., 1998): conv5x5 -> pool -> conv5x5 -> pool -> FC 120 -> FC 84 -> classes.
 
@@ -93,22 +97,3 @@ class LeNet5(nn.Module):
         x = nn.functional.pad(x, (self.pad,) * 4)  # (B, C, 32, 32) for MNIST-sized inputs
         x = self.features(x)  # (B, 16, 5, 5)
         return self.classifier(x)  # (B, num_classes)
-
-
-@register_model("cnn", task="classifier")
-def simple_cnn(
-    in_channels: int,
-    image_size: int,
-    num_classes: int,
-    channels: tuple[int, ...] = (32, 64),
-    hidden: int = 128,
-    dropout: float = 0.3,
-) -> nn.Module:
-    """Simple CNN: two conv3x3-BN-ReLU-pool blocks and a dropout MLP head."""
-    return SimpleCNN(in_channels, image_size, num_classes, tuple(channels), hidden, dropout)
-
-
-@register_model("lenet5", task="classifier")
-def lenet5(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """LeNet-5 with tanh activations and average pooling, as in the 1998 paper."""
-    return LeNet5(in_channels, image_size, num_classes)
