@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,23 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------- measure
 
 
+def interleaved_latency_ms(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, np.ndarray]:
+    """Per-call latencies in ms, the backends taking turns call by call (in rotating order), so that a
+    slow stretch of the machine hits all of them alike instead of whichever happened to run then."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    timings = {name: np.empty(runs) for name in names}
+    for i in range(runs):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            started = time.perf_counter()
+            calls[name]()
+            timings[name][i] = (time.perf_counter() - started) * 1000.0
+    return timings
+
+
 def quantize(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -183,7 +201,6 @@ def op_counts(path: Path) -> dict[str, int]:
 def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], threads: int | None, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from dlpipe.evaluate import latency_ms
     from dlpipe.export import INPUT_NAME, export_onnx
     from dlpipe.models import count_trainable_parameters, get_spec
 
@@ -226,16 +243,19 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
         int8 = None
         result["int8_error"] = f"{type(exc).__name__}: {str(exc).strip()}"[:2000]
 
-    warmup, runs = args.warmup, args.runs
     for batch in BATCH_SIZES:
         x = inputs[batch]
         feed = {INPUT_NAME: x}
-        with torch.inference_mode():
-            tensor = torch.from_numpy(x)
+        tensor = torch.from_numpy(x)
+        with torch.inference_mode():  # the ONNX Runtime calls are unaffected by it
             torch_out = network(tensor).numpy()
-            torch_t = latency_ms(lambda: network(tensor), warmup, runs)
-        fp32_out = fp32.run(None, feed)[0]
-        fp32_t = latency_ms(lambda: fp32.run(None, feed), warmup, runs)
+            fp32_out = fp32.run(None, feed)[0]
+            int8_out = int8.run(None, feed)[0] if int8 is not None else None
+            calls = {"torch": lambda: network(tensor), "onnx_fp32": lambda: fp32.run(None, feed)}
+            if int8 is not None:
+                calls["onnx_int8"] = lambda: int8.run(None, feed)
+            timings = interleaved_latency_ms(calls, args.warmup, args.runs)
+        torch_t, fp32_t = timings["torch"], timings["onnx_fp32"]
         row: dict[str, Any] = {
             "torch": percentiles(torch_t),
             "onnx_fp32": percentiles(fp32_t),
@@ -244,9 +264,8 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
             "fp32_output_max_abs": float(np.max(np.abs(fp32_out))),
             "int8_vs_fp32_max_abs_diff": None,
         }
-        if int8 is not None:
-            int8_out = int8.run(None, feed)[0]
-            row["onnx_int8"] = percentiles(latency_ms(lambda: int8.run(None, feed), warmup, runs))
+        if int8_out is not None:
+            row["onnx_int8"] = percentiles(timings["onnx_int8"])
             row["int8_vs_fp32_max_abs_diff"] = float(np.max(np.abs(int8_out - fp32_out)))
         row["torch_p50_over_onnx_fp32_p50"] = ratio(row["torch"]["p50_ms"], row["onnx_fp32"]["p50_ms"])
         row["onnx_fp32_p50_over_onnx_int8_p50"] = ratio(row["onnx_fp32"]["p50_ms"], row["onnx_int8"]["p50_ms"] if row["onnx_int8"] else None)
@@ -343,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "window": WINDOW,
             "params_file": None if args.builder_defaults or not params else str(args.params),
             "quantization": "onnxruntime.quantization.quantize_dynamic, weight_type=QInt8 (all supported op types)",
+            "timing": "per backend: warmup untimed calls, then runs timed calls taken in turns with the other backends",
             "inputs": "images uniform [0, 1], shape (B, 1, 28, 28); windows standard normal, shape (B, 20, n_features)",
         },
         "environment": {
