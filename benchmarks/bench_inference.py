@@ -157,21 +157,16 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------- measure
 
 
-def interleaved_latency_ms(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, np.ndarray]:
-    """Per-call latencies in ms, the backends taking turns call by call (in rotating order), so that a
-    slow stretch of the machine hits all of them alike instead of whichever happened to run then."""
-    names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    timings = {name: np.empty(runs) for name in names}
-    for i in range(runs):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
-            started = time.perf_counter()
-            calls[name]()
-            timings[name][i] = (time.perf_counter() - started) * 1000.0
-    return timings
+def latencies_ms(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, np.ndarray]:
+    """Per-call latencies in ms, one backend after the other (`warmup` untimed calls, then `runs` timed).
+
+    Deliberately not interleaved call by call: PyTorch's OpenMP threads and ONNX Runtime's intra-op threads
+    both spin-wait for a while after each call, so alternating them makes each pool steal the cores from
+    the other and measures that contention instead of the backends.
+    """
+    from dlpipe.evaluate import latency_ms
+
+    return {name: latency_ms(call, warmup, runs) for name, call in calls.items()}
 
 
 def quantize(fp32_path: Path, int8_path: Path) -> None:
@@ -254,7 +249,7 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
             calls = {"torch": lambda: network(tensor), "onnx_fp32": lambda: fp32.run(None, feed)}
             if int8 is not None:
                 calls["onnx_int8"] = lambda: int8.run(None, feed)
-            timings = interleaved_latency_ms(calls, args.warmup, args.runs)
+            timings = latencies_ms(calls, args.warmup, args.runs)
         torch_t, fp32_t = timings["torch"], timings["onnx_fp32"]
         row: dict[str, Any] = {
             "torch": percentiles(torch_t),
@@ -362,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "window": WINDOW,
             "params_file": None if args.builder_defaults or not params else str(args.params),
             "quantization": "onnxruntime.quantization.quantize_dynamic, weight_type=QInt8 (all supported op types)",
-            "timing": "per backend: warmup untimed calls, then runs timed calls taken in turns with the other backends",
+            "timing": "per backend in turn (torch, onnx_fp32, onnx_int8): warmup untimed calls, then runs timed calls",
             "inputs": "images uniform [0, 1], shape (B, 1, 28, 28); windows standard normal, shape (B, 20, n_features)",
         },
         "environment": {
