@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,6 @@ def log_artifact(config: Config, run_id: str, path: Path, artifact_path: str) ->
 
 def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
     from mlflow.entities import Metric
-    import time
 
     stamp = int(time.time() * 1000)
     numeric = [Metric(k, float(v), stamp, 0) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]

@@ -3,6 +3,7 @@ stopping, one MLflow run per model. Returns the facts later stages need (run id,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -31,8 +32,6 @@ def data_fingerprint(config: Config, task: str) -> str:
     if task == "classifier":
         raw = read_json(config.paths.raw_images / "meta.json")["sha256"]
         augmented = read_json(config.paths.augmented / "meta.json")["sha256"]
-        import hashlib
-
         return hashlib.sha256(f"{raw}:{augmented}".encode()).hexdigest()
     return read_json(config.paths.raw_stocks / "meta.json")["sha256"]
 
