@@ -54,3 +54,18 @@ def test_json_round_trip_and_missing_file(tmp_path):
     assert read_json(tmp_path / "a" / "m.json") == {"x": 1.5}
     with pytest.raises(DlpipeError, match="missing.json: file not found"):
         read_json(tmp_path / "missing.json")
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "report.html") as tmp:
+            tmp.write_text("<html>")
+        with atomic_dir(tmp_path / "data") as tmp:
+            pass
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o755
