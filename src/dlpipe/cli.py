@@ -11,15 +11,13 @@ import os
 import sys
 import warnings
 
+from dlpipe import stages
 from dlpipe.errors import DlpipeError
-
-STAGE_NAMES = ("fetch_images", "fetch_stocks", "augment", "train", "export", "evaluate", "report")
-MODEL_STAGES = ("train", "export", "evaluate")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlpipe", description="Run one stage of the dlpipe pipeline (as dvc.yaml does).")
-    p.add_argument("stage", choices=(*STAGE_NAMES, "models"), help="pipeline stage to run, or 'models' to list registered models")
+    p.add_argument("stage", choices=(*stages.STAGES, "models"), help="pipeline stage to run, or 'models' to list registered models")
     p.add_argument("model", nargs="?", help="model name for train / export / evaluate (see `dlpipe models`)")
     p.add_argument("--params", default=os.environ.get("DLPIPE_PARAMS", "params.yaml"), help="params file (default: params.yaml)")
     return p
@@ -34,9 +32,9 @@ def run(argv: list[str] | None = None) -> int:
             spec = get_spec(name)
             print(f"{name:10s} {spec.task:11s} {spec.summary}")
         return 0
-    if args.stage in MODEL_STAGES and not args.model:
+    if args.stage in stages.MODEL_STAGES and not args.model:
         raise DlpipeError(f"stage {args.stage!r} needs a model name, e.g. `dlpipe {args.stage} cnn`")
-    if args.stage not in MODEL_STAGES and args.model:
+    if args.stage not in stages.MODEL_STAGES and args.model:
         raise DlpipeError(f"stage {args.stage!r} takes no model name (got {args.model!r})")
 
     from dlpipe.config import load_config
@@ -46,8 +44,6 @@ def run(argv: list[str] | None = None) -> int:
         config.train_params(args.model)
         if args.model not in config.params.models:
             raise DlpipeError(f"model {args.model!r} is not in models: {config.params.models} of {config.params_file}")
-
-    from dlpipe import stages
 
     stage = stages.STAGES[args.stage]
     stage(config, args.model) if args.model else stage(config)

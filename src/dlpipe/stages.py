@@ -169,4 +169,4 @@ def report(config: Config) -> dict[str, Any]:
 
 
 STAGES = {"fetch_images": fetch_images, "fetch_stocks": fetch_stocks, "augment": augment, "train": train, "export": export, "evaluate": evaluate, "report": report}
-
+MODEL_STAGES = ("train", "export", "evaluate")  # stages that take a model name
