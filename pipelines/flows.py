@@ -65,11 +65,8 @@ def report(params_file: str) -> dict[str, Any]:
 def dlpipe_pipeline(params_file: str = "params.yaml", models: list[str] | None = None) -> dict[str, Any]:
     """Fetch -> augment -> (train -> export -> evaluate) per model -> report. Returns the summary."""
     logger = get_run_logger()
-    config = _config(params_file)  # validate params before any task writes anything
-    selected = models or config.params.models
-    unknown = [m for m in selected if m not in config.params.models]
-    if unknown:
-        raise ValueError(f"models {unknown} are not in models: {config.params.models} of {config.params_file}")
+    config = _config(params_file)  # validate params and the model names before any task writes anything
+    selected = config.selected_models(models)
 
     images, stocks = fetch_images.submit(params_file), fetch_stocks.submit(params_file)
     augmented = augment.submit(params_file, wait_for=[images])

@@ -72,7 +72,7 @@ def test_folder_source_is_accepted(tmp_path):
 def test_params_hash_changes_with_params(tmp_path):
     first = load_config(write_project(tmp_path / "a", tiny_params()))
     params = tiny_params()
-    params["train"]["cnn"]["lr"] = 0.1
+    params["train"]["cnn"]["optimizer"]["lr"] = 0.1
     second = load_config(write_project(tmp_path / "b", params))
     assert first.params_hash != second.params_hash
     assert first.params_hash == load_config(write_project(tmp_path / "c", tiny_params())).params_hash

@@ -26,11 +26,12 @@ def test_cnn_trains_a_step_on_cuda_in_bf16():
 
 def test_onnxruntime_uses_cuda_provider(tmp_path):
     pytest.importorskip("onnxruntime")
-    from dlpipe.export import export_onnx, session
+    from dlpipe.export import export_onnx
+    from dlpipe.runtime import create_session
 
     net = get_model("cnn", in_channels=1, image_size=28, num_classes=10).eval()
     export_onnx(net, torch.rand(2, 1, 28, 28), tmp_path / "m.onnx", opset=18)
-    onnx_session = session(tmp_path / "m.onnx", ["cuda", "cpu"])
+    onnx_session = create_session(tmp_path / "m.onnx", ["cuda", "cpu"])
     assert onnx_session.get_providers()[0] == "CUDAExecutionProvider"
     out = onnx_session.run(None, {"input": np.zeros((4, 1, 28, 28), np.float32)})[0]
     assert out.shape == (4, 10)

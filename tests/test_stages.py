@@ -13,7 +13,7 @@ from dlpipe.errors import DlpipeError
 CLASSIFIER_KEYS = {"test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "macro_f1"}
 FORECASTER_KEYS = {"rmse", "mae", "directional_accuracy", "persistence_rmse", "rmse_ratio_vs_persistence"}
 COMMON_KEYS = {
-    "params",
+    "trainable_params",
     "train_seconds",
     "onnx_max_abs_diff",
     "latency_ms_torch_b1_p50",
@@ -91,7 +91,7 @@ def test_evaluate_writes_contract_metrics(pipeline_run, model, task_keys):
     assert COMMON_KEYS | task_keys <= set(metrics)
     assert metrics["onnx_max_abs_diff"] <= config.params.export.parity_atol
     assert metrics["latency_ms_onnx_b1_p99"] >= metrics["latency_ms_onnx_b1_p50"] > 0
-    assert metrics["params"] == results[f"train@{model}"]["params"]
+    assert metrics["trainable_params"] == results[f"train@{model}"]["trainable_params"]
 
 
 def test_classifier_metrics_are_consistent(pipeline_run):

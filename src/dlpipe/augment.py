@@ -53,13 +53,9 @@ def augment_images(x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: in
 
 def save_preview(x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: int, target: Path) -> None:
     """A two-row-per-sample grid: original images above their augmented versions."""
-    import matplotlib
+    from dlpipe.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dlpipe.io import atomic_path
-
+    plt = pyplot()
     count = min(params.preview_count, len(x))
     pipeline = build_pipeline(params, seed)
     columns = min(count, 8)
@@ -76,6 +72,4 @@ def save_preview(x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: int,
             axes[row][c].set_title(title, fontsize=7)
     figure.suptitle("Augmentation preview (originals above, augmented below)", fontsize=9)
     figure.tight_layout()
-    with atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, target, bbox_inches=None)

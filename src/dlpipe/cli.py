@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
 from dlpipe import stages
+from dlpipe.config import PARAMS_ENV
 from dlpipe.errors import DlpipeError
 
 
@@ -19,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlpipe", description="Run one stage of the dlpipe pipeline (as dvc.yaml does).")
     p.add_argument("stage", choices=(*stages.STAGES, "models"), help="pipeline stage to run, or 'models' to list registered models")
     p.add_argument("model", nargs="?", help="model name for train / export / evaluate (see `dlpipe models`)")
-    p.add_argument("--params", default=os.environ.get("DLPIPE_PARAMS", "params.yaml"), help="params file (default: params.yaml)")
+    p.add_argument("--params", default=None, help=f"params file (default: ${PARAMS_ENV}, else ./params.yaml)")
     return p
 
 
@@ -41,9 +41,7 @@ def run(argv: list[str] | None = None) -> int:
 
     config = load_config(args.params)
     if args.model:
-        config.train_params(args.model)
-        if args.model not in config.params.models:
-            raise DlpipeError(f"model {args.model!r} is not in models: {config.params.models} of {config.params_file}")
+        config.selected_models([args.model])
 
     stage = stages.STAGES[args.stage]
     stage(config, args.model) if args.model else stage(config)

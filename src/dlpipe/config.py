@@ -5,24 +5,27 @@ Nothing here has side effects at import; `load_params` reads and validates, `Pat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from dlpipe.errors import DlpipeError
 
 IMAGE_SOURCES = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10")
-STOCK_SOURCES = ("sample", "yfinance")
+PARAMS_ENV = "DLPIPE_PARAMS"  # environment variable naming the params file (default ./params.yaml)
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class _Strict(BaseModel):
@@ -75,20 +78,49 @@ class AugmentParams(_Strict):
         return self
 
 
+class OptimizerParams(_Strict):
+    """The optimizer and learning-rate schedule of one model (shared by every task)."""
+
+    name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    nesterov: bool = False
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    step_size: PositiveInt = 10
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _no_ignored_settings(self) -> OptimizerParams:
+        # A setting the chosen optimizer or schedule would silently ignore is a mistake worth naming.
+        given = self.model_fields_set
+        if "momentum" in given and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(f"momentum: {self.name} has no momentum term (use sgd or rmsprop, or betas)")
+        if "betas" in given and self.name not in ("adam", "adamw"):
+            raise ValueError(f"betas: only adam and adamw use betas, not {self.name}")
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov: needs name sgd and momentum > 0")
+        if given & {"step_size", "gamma"} and self.schedule != "step":
+            raise ValueError(f"step_size/gamma: only used by schedule step, not {self.schedule}")
+        return self
+
+
 class TrainParams(_Strict):
-    task: Literal["classifier", "forecaster"]
+    """What every `train.<model>` section holds; each task extends it, chosen by `task` (see dlpipe.tasks)."""
+
+    task: str
     epochs: PositiveInt
     batch_size: PositiveInt
-    lr: PositiveFloat
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     patience: PositiveInt = 3
-    window: PositiveInt | None = None
+    optimizer: OptimizerParams
     net: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _forecaster_needs_window(self) -> TrainParams:
-        if self.task == "forecaster" and (self.window is None or self.window < 2):
-            raise ValueError("forecasters need window >= 2")
+    def _warmup_fits(self) -> TrainParams:
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise ValueError(f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be less than epochs ({self.epochs})")
         return self
 
 
@@ -122,6 +154,8 @@ class Params(_Strict):
     data: DataParams
     augment: AugmentParams
     trainer: TrainerParams = TrainerParams()
+    # Each section is validated by its task's own params type (a union discriminated on `task`, built
+    # from the task registry by `params_schema`), so a forecaster's `window` is checked only for forecasters.
     train: dict[str, TrainParams]
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -133,6 +167,15 @@ class Params(_Strict):
             if name not in self.train:
                 raise ValueError(f"model {name!r} is listed in models but has no train.{name} section")
         return self
+
+
+@functools.cache
+def params_schema() -> type[Params]:
+    """`Params` with `train.<model>` as the union of every registered task's params type."""
+    from dlpipe.tasks import train_params_types  # the tasks import torch; plain readers of Paths do not
+
+    section = Annotated[Union[tuple(train_params_types())], Field(discriminator="task")]  # noqa: UP007
+    return create_model("Params", __base__=Params, train=(dict[str, section], ...))
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,15 @@ class Paths:
     @property
     def augmented(self) -> Path:
         return self.root / "data" / "augmented"
+
+    @staticmethod
+    def meta(directory: Path) -> Path:
+        """The integrity record (sha256, counts, provenance) each data stage writes into its output directory."""
+        return directory / "meta.json"
+
+    @property
+    def prices(self) -> Path:
+        return self.raw_stocks / "prices.csv"
 
     @property
     def samples(self) -> Path:
@@ -173,6 +225,9 @@ class Paths:
     def onnx(self, model: str) -> Path:
         return self.model_dir(model) / "model.onnx"
 
+    def export_info(self, model: str) -> Path:
+        return self.model_dir(model) / "export.json"
+
     @property
     def reports(self) -> Path:
         return self.root / "reports"
@@ -180,6 +235,10 @@ class Paths:
     @property
     def figures(self) -> Path:
         return self.reports / "figures"
+
+    @property
+    def augment_preview(self) -> Path:
+        return self.figures / "augment_preview.png"
 
     def metrics(self, model: str) -> Path:
         return self.reports / "metrics" / f"{model}.json"
@@ -221,14 +280,30 @@ class Config:
             raise DlpipeError(f"unknown model {model!r}: no train.{model} section in {self.params_file}")
         return self.params.train[model]
 
+    def selected_models(self, requested: list[str] | None = None) -> list[str]:
+        """`requested` (default: all of `models`), each checked to be one of the configured models."""
+        if not requested:
+            return list(self.params.models)
+        for model in requested:
+            self.train_params(model)
+            if model not in self.params.models:
+                raise DlpipeError(f"model {model!r} is not in models: {self.params.models} of {self.params_file}")
+        return list(requested)
+
 
 def default_params_file() -> Path:
-    return Path(os.environ.get("DLPIPE_PARAMS", "params.yaml")).resolve()
+    return Path(os.environ.get(PARAMS_ENV, "params.yaml")).resolve()
 
 
-def _one_line(error: ValidationError, params_file: Path) -> str:
+def _one_line(error: ValidationError, params_file: Path, raw: dict[str, Any]) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    loc = [str(part) for part in first["loc"]]
+    # A discriminated union puts the chosen tag into the location (train.cnn.classifier.epochs): drop it.
+    if len(loc) > 2 and loc[0] == "train" and isinstance(raw["train"].get(loc[1]), dict) and raw["train"][loc[1]].get("task") == loc[2]:
+        del loc[2]
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc.append("task")
+    key = ".".join(loc) or "<root>"
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     shown = "" if isinstance(got, dict | list) or first["type"] == "missing" else f" (got {got!r})"
@@ -248,22 +323,23 @@ def load_config(params_file: Path | str | None = None) -> Config:
     if not isinstance(raw, dict):
         raise DlpipeError(f"{path}: expected a mapping at the top level")
     try:
-        params = Params.model_validate(raw)
+        params = params_schema().model_validate(raw)
     except ValidationError as exc:
-        raise DlpipeError(_one_line(exc, path)) from exc
-    config = Config(params=params, paths=Paths(path.parent), params_file=path, raw=raw)
-    _check_models_registered(config)
-    return config
+        raise DlpipeError(_one_line(exc, path, raw)) from exc
+    params = _with_checked_nets(params, path)
+    return Config(params=params, paths=Paths(path.parent), params_file=path, raw=raw)
 
 
-def _check_models_registered(config: Config) -> None:
-    # Imported here: the registry pulls in torch, which plain config readers should not pay for twice.
+def _with_checked_nets(params: Params, params_file: Path) -> Params:
+    """Check each model is registered for its task and its `net:` values against the builder's type hints."""
     from dlpipe.models import get_spec
+    from dlpipe.tasks import get_task
 
-    for name, train in config.params.train.items():
-        spec = get_spec(name, where=f"{config.params_file}: train.{name}")
+    checked = {}
+    for name, train in params.train.items():
+        spec = get_spec(name, where=f"{params_file}: train.{name}")
         if spec.task != train.task:
-            raise DlpipeError(
-                f"{config.params_file}: train.{name}.task: model {name!r} is a {spec.task}, not a {train.task}"
-            )
-        spec.check_net_kwargs(train.net, where=f"{config.params_file}: train.{name}.net")
+            raise DlpipeError(f"{params_file}: train.{name}.task: model {name!r} is a {spec.task}, not a {train.task}")
+        net = spec.validate_net(train.net, get_task(train.task).data_kwargs, where=f"{params_file}: train.{name}.net")
+        checked[name] = train.model_copy(update={"net": net})
+    return params.model_copy(update={"train": checked})

@@ -1,5 +1,5 @@
-"""ONNX export of a trained network: eval mode, dynamic batch, one self-contained file, checked by
-onnx.checker, and gated on numerical parity with PyTorch through onnxruntime."""
+"""ONNX export of a trained network: eval mode, dynamic batch, one self-contained file with dlpipe
+metadata, checked by onnx.checker, and gated on numerical parity with PyTorch through onnxruntime."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from torch import nn
 
 from dlpipe.errors import DlpipeError
 from dlpipe.io import atomic_path
-
-INPUT_NAME, OUTPUT_NAME = "input", "output"
+from dlpipe.runtime import INPUT_NAME, OUTPUT_NAME, create_session, run_batched
 
 
 class ParityError(DlpipeError):
     """The exported graph disagrees with PyTorch beyond the tolerance."""
 
 
-def export_onnx(network: nn.Module, example: torch.Tensor, target: Path, opset: int) -> None:
+def export_onnx(network: nn.Module, example: torch.Tensor, target: Path, opset: int, metadata: dict[str, str] | None = None) -> None:
     network = network.eval()  # dropout off, batch-norm running statistics: what deployment must see
     with atomic_path(target) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -37,24 +36,11 @@ def export_onnx(network: nn.Module, example: torch.Tensor, target: Path, opset: 
             verbose=False,
         )
         program.save(str(tmp), external_data=False)
+        if metadata:
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, metadata)
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-
-
-def session(path: Path, providers: list[str] | None = None):
-    """An onnxruntime session on the first available of `providers` ("cuda", "cpu")."""
-    import onnxruntime as ort
-
-    wanted = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-    available = set(ort.get_available_providers())
-    chosen = [wanted[p] for p in (providers or ["cuda", "cpu"]) if wanted[p] in available] or ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the CUDA-fallback warning is reported via get_providers()
-    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-
-
-def run_onnx(onnx_session, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    outputs = [onnx_session.run(None, {INPUT_NAME: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outputs)
 
 
 @torch.inference_mode()
@@ -65,14 +51,16 @@ def run_torch(network: nn.Module, inputs: np.ndarray, batch_size: int = 512) -> 
 
 
 def max_abs_diff(network: nn.Module, onnx_path: Path, inputs: np.ndarray) -> float:
-    return float(np.max(np.abs(run_torch(network, inputs) - run_onnx(session(onnx_path, ["cpu"]), inputs))))
+    return float(np.max(np.abs(run_torch(network, inputs) - run_batched(create_session(onnx_path, ["cpu"]), inputs))))
 
 
-def export_with_parity(network: nn.Module, inputs: np.ndarray, target: Path, opset: int, atol: float) -> float:
+def export_with_parity(
+    network: nn.Module, inputs: np.ndarray, target: Path, opset: int, atol: float, metadata: dict[str, str] | None = None
+) -> float:
     """Export, then compare with PyTorch on real inputs; a graph that disagrees is not kept."""
     candidate = target.with_name(f".{target.name}.candidate")
     try:
-        export_onnx(network, torch.from_numpy(inputs[:2]), candidate, opset)
+        export_onnx(network, torch.from_numpy(inputs[:2]), candidate, opset, metadata)
         diff = max_abs_diff(network, candidate, inputs)
         if not diff <= atol:  # also catches NaN
             raise ParityError(f"{target}: ONNX output differs from PyTorch by {diff:.3g} > export.parity_atol={atol:g}")

@@ -4,6 +4,7 @@ failed stage never leaves a half-written file and the previous good output survi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dlpipe.errors import DlpipeError
 
 
 def _umask() -> int:
@@ -63,7 +66,16 @@ def write_json(target: Path, payload: Any) -> None:
 def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        from dlpipe.errors import DlpipeError
-
         raise DlpipeError(f"{path}: file not found (run the stage that produces it first)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DlpipeError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

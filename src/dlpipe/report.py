@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
-from dlpipe.io import atomic_path
+from dlpipe.io import atomic_path, write_json
 
 # Columns shown in the comparison table, in order; absent keys show as a dash.
 TABLE_COLUMNS = (
-    ("params", "trainable params", "{:,.0f}"),
+    ("trainable_params", "trainable params", "{:,.0f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("test_accuracy", "test acc (torch)", "{:.4f}"),
     ("onnx_accuracy", "test acc (ONNX)", "{:.4f}"),
@@ -66,7 +65,6 @@ figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ ma
 
 
 def write_report(summary: dict[str, dict[str, Any]], reports_dir: Path, summary_path: Path, html_path: Path) -> None:
-    with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(summary_path, summary)
     with atomic_path(html_path) as tmp:
         tmp.write_text(render_html(summary, reports_dir))

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.config import Config
-from dlpipe.errors import DlpipeError
-from dlpipe.io import atomic_dir, atomic_path, read_json, write_json
+from dlpipe.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger("dlpipe")
 
@@ -52,13 +51,12 @@ def fetch_images(config: Config) -> dict[str, Any]:
     with atomic_dir(config.paths.raw_images) as tmp:
         for name in SPLITS:
             _save_npz(tmp, name, *splits[name])
-        write_json(tmp / "meta.json", meta)
+        write_json(config.paths.meta(tmp), meta)
     log.info("fetch_images: %s -> %s", params.source, meta["counts"])
     return meta
 
 
 def fetch_stocks(config: Config) -> dict[str, Any]:
-    from dlpipe.data.images import sha256_file
     from dlpipe.data.stocks import download_yfinance, read_sample, validate_prices
 
     params = config.params.data.stocks
@@ -68,7 +66,8 @@ def fetch_stocks(config: Config) -> dict[str, Any]:
         frame, origin = download_yfinance(params), f"yfinance:{params.ticker}"
     prices = validate_prices(frame, origin, params)
     with atomic_dir(config.paths.raw_stocks) as tmp:
-        prices.to_csv(tmp / "prices.csv", index=False, date_format="%Y-%m-%d")
+        prices_csv = tmp / config.paths.prices.name
+        prices.to_csv(prices_csv, index=False, date_format="%Y-%m-%d")
         meta = {
             "source": params.source,
             "origin": origin,
@@ -76,9 +75,9 @@ def fetch_stocks(config: Config) -> dict[str, Any]:
             "rows": int(len(prices)),
             "first_date": str(prices["Date"].iloc[0].date()),
             "last_date": str(prices["Date"].iloc[-1].date()),
-            "sha256": sha256_file(tmp / "prices.csv"),
+            "sha256": sha256_file(prices_csv),
         }
-        write_json(tmp / "meta.json", meta)
+        write_json(config.paths.meta(tmp), meta)
     log.info("fetch_stocks: %s %s rows %s..%s", origin, meta["rows"], meta["first_date"], meta["last_date"])
     return meta
 
@@ -93,70 +92,53 @@ def augment(config: Config) -> dict[str, Any]:
     meta = {"originals": int(len(y)), "total": int(len(y_aug)), "copies": params.copies, "sha256": _array_sha256(x_aug, y_aug)}
     with atomic_dir(config.paths.augmented) as tmp:
         _save_npz(tmp, "train", x_aug, y_aug)
-        write_json(tmp / "meta.json", meta)
-    save_preview(x, y, params, config.params.seed, config.paths.figures / "augment_preview.png")
+        write_json(config.paths.meta(tmp), meta)
+    save_preview(x, y, params, config.params.seed, config.paths.augment_preview)
     return meta
 
 
-def train(config: Config, model: str) -> dict[str, Any]:
+def train(config: Config, model: str) -> dict[str, Any] | None:
     from dlpipe.train import fit
 
     config.train_params(model)  # unknown model: fail before touching anything
     info = fit(config, model)
-    write_json(config.paths.train_info(model), info)
+    if info is not None:  # None on the other ranks of a DDP run: rank 0 alone writes
+        write_json(config.paths.train_info(model), info)
     return info
-
-
-def _reference_inputs(config: Config, model: str, task: str) -> np.ndarray:
-    from dlpipe.evaluate import classifier_test_inputs, forecaster_test_windows
-
-    if task == "classifier":
-        return classifier_test_inputs(config)[0][:256]
-    return forecaster_test_windows(config, config.train_params(model).window).x[:256]
 
 
 def export(config: Config, model: str) -> dict[str, Any]:
     from dlpipe import tracking
     from dlpipe.export import export_with_parity
-    from dlpipe.tasks import load_network
+    from dlpipe.tasks import task_of
 
+    task = task_of(config, model)
     train_info = read_json(config.paths.train_info(model))
-    network, _ = load_network(config.paths.checkpoint(model))
-    inputs = _reference_inputs(config, model, train_info["task"])
+    network = task.load_exported(config.paths.checkpoint(model))
+    inputs = task.reference_inputs(config, model)
     target = config.paths.onnx(model)
-    diff = export_with_parity(network, inputs, target, config.params.export.opset, config.params.export.parity_atol)
+    settings = config.params.export
+    diff = export_with_parity(network, inputs, target, settings.opset, settings.parity_atol, task.onnx_metadata(config, model))
     tracking.log_metrics(config, train_info["run_id"], {"onnx_max_abs_diff_export": diff})
     version = tracking.register_onnx(config, model, train_info["run_id"], target) if config.params.mlflow.register_model else None
-    info = {"onnx_max_abs_diff": diff, "parity_inputs": int(len(inputs)), "registered_version": version, "opset": config.params.export.opset}
-    write_json(config.paths.model_dir(model) / "export.json", info)
+    info = {"onnx_max_abs_diff": diff, "parity_inputs": int(len(inputs)), "registered_version": version, "opset": settings.opset}
+    write_json(config.paths.export_info(model), info)
     return info
 
 
 def evaluate(config: Config, model: str) -> dict[str, Any]:
-    from dlpipe import plots, tracking
-    from dlpipe.evaluate import evaluate_classifier, evaluate_forecaster
-    from dlpipe.tasks import load_network
+    from dlpipe import tracking
+    from dlpipe.evaluate import evaluate_model
+    from dlpipe.tasks import task_of
 
+    task = task_of(config, model)
     train_info = read_json(config.paths.train_info(model))
-    export_info = read_json(config.paths.model_dir(model) / "export.json")
-    network, hparams = load_network(config.paths.checkpoint(model))
-    onnx_path = config.paths.onnx(model)
-    if not onnx_path.is_file():
-        raise DlpipeError(f"{onnx_path}: file not found (run export first)")
-    plot_dir = config.paths.plots(model)
-    if train_info["task"] == "classifier":
-        classes = read_json(config.paths.raw_images / "meta.json")["classes"]
-        metrics, outputs = evaluate_classifier(config, network, onnx_path, len(classes))
-        plots.classifier_plots(outputs, classes, plot_dir, f"{model}: test confusion matrix")
-    else:
-        metrics, outputs = evaluate_forecaster(config, network, onnx_path, hparams["window"])
-        ticker = read_json(config.paths.raw_stocks / "meta.json")["ticker"]
-        plots.forecaster_plots(outputs, plot_dir, f"{model}: next-day close of {ticker}, test period")
-    metrics.update({"params": train_info["params"], "train_seconds": train_info["train_seconds"], "epochs_trained": train_info["epochs_trained"]})
+    export_info = read_json(config.paths.export_info(model))
+    metrics = evaluate_model(config, model)
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)
     if export_info.get("registered_version"):
-        metrics["champion"] = tracking.promote_if_better(config, model, train_info["task"], export_info["registered_version"], metrics)
+        metrics["champion"] = tracking.promote_if_better(config, model, export_info["registered_version"], metrics, task.promotion)
     return metrics
 
 
@@ -168,5 +150,13 @@ def report(config: Config) -> dict[str, Any]:
     return summary
 
 
-STAGES = {"fetch_images": fetch_images, "fetch_stocks": fetch_stocks, "augment": augment, "train": train, "export": export, "evaluate": evaluate, "report": report}
+STAGES = {
+    "fetch_images": fetch_images,
+    "fetch_stocks": fetch_stocks,
+    "augment": augment,
+    "train": train,
+    "export": export,
+    "evaluate": evaluate,
+    "report": report,
+}
 MODEL_STAGES = ("train", "export", "evaluate")  # stages that take a model name

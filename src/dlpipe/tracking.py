@@ -13,8 +13,6 @@ from typing import Any
 from dlpipe.config import Config
 
 CHAMPION = "champion"
-# The metric that decides promotion, and whether higher is better, per task.
-PROMOTION_METRIC = {"classifier": ("onnx_accuracy", True), "forecaster": ("rmse_ratio_vs_persistence", False)}
 
 
 def tracking_uri(config: Config) -> str:
@@ -95,11 +93,14 @@ def register_onnx(config: Config, model: str, run_id: str, onnx_path: Path) -> s
     return str(info.registered_model_version)
 
 
-def promote_if_better(config: Config, model: str, task: str, version: str, metrics: dict[str, Any]) -> bool:
-    """Point alias `champion` at `version` when its promotion metric beats the current champion's."""
+def promote_if_better(config: Config, model: str, version: str, metrics: dict[str, Any], promotion: tuple[str, bool]) -> bool:
+    """Point alias `champion` at `version` when its promotion metric beats the current champion's.
+
+    `promotion` is the task's (metric key, higher is better).
+    """
     from mlflow.exceptions import MlflowException
 
-    key, higher_is_better = PROMOTION_METRIC[task]
+    key, higher_is_better = promotion
     mlflow_client = client(config)
     name = registered_name(model)
     try:

@@ -1,76 +1,35 @@
-"""Train one registered model with Lightning: seeded, ModelCheckpoint on the validation metric, early
-stopping, one MLflow run per model. Returns the facts later stages need (run id, timing, sizes)."""
+"""Train one registered model with Lightning: seeded, ModelCheckpoint on the task's monitored metric,
+early stopping, one MLflow run per model. Returns the facts later stages need (run id, timing, sizes).
+
+Under DDP (`trainer.devices` > 1) every process runs `fit`; what follows training (MLflow logging, the
+checkpoint's move into place, the returned facts) happens on global rank 0 only.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from dlpipe import tracking
 from dlpipe.config import Config
-from dlpipe.data.datamodules import ImageDataModule, StockWindowDataModule
-from dlpipe.data.stocks import FEATURES
-from dlpipe.io import read_json
-from dlpipe.models import count_trainable_parameters, get_model, get_spec
-from dlpipe.tasks.classifier import ClassifierTask
-from dlpipe.tasks.forecaster import ForecasterTask
-
-# What ModelCheckpoint and EarlyStopping watch, per task.
-MONITOR = {"classifier": ("val/acc", "max"), "forecaster": ("val/loss", "min")}
+from dlpipe.models import count_trainable_parameters
+from dlpipe.tasks import task_of
 
 
-def data_fingerprint(config: Config, task: str) -> str:
-    """sha256 of the data a model trains on, as recorded by the fetch (and augment) stages."""
-    if task == "classifier":
-        raw = read_json(config.paths.raw_images / "meta.json")["sha256"]
-        augmented = read_json(config.paths.augmented / "meta.json")["sha256"]
-        return hashlib.sha256(f"{raw}:{augmented}".encode()).hexdigest()
-    return read_json(config.paths.raw_stocks / "meta.json")["sha256"]
-
-
-def build_classifier(config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
+def fit(config: Config, model: str) -> dict[str, Any] | None:
+    """Train `model`; the facts for train.json on global rank 0, None on the other DDP ranks."""
     train = config.train_params(model)
-    meta = read_json(config.paths.raw_images / "meta.json")
-    datamodule = ImageDataModule(config.paths.raw_images, config.paths.augmented, train.batch_size, config.params.trainer.num_workers)
-    kwargs = {"in_channels": meta["channels"], "image_size": meta["height"], "num_classes": len(meta["classes"]), **train.net}
-    net = get_model(model, **kwargs)
-    # Per-channel pixel statistics of the training split, baked into the network as buffers.
-    pixels = datamodule.train_images().float().div_(255.0)
-    net.standardize.set_stats(pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)))
-    task = ClassifierTask(net, {"name": model, "kwargs": kwargs}, len(meta["classes"]), train.lr, train.weight_decay, train.epochs)
-    return task, datamodule
-
-
-def build_forecaster(config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
-    train = config.train_params(model)
-    datamodule = StockWindowDataModule(config.paths.raw_stocks / "prices.csv", train.window, train.batch_size, config.params.trainer.num_workers)
-    kwargs = {"n_features": len(FEATURES), **train.net}
-    net = get_model(model, **kwargs)
-    mean, std, target_mean, target_std = datamodule.feature_stats()
-    net.standardize.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    net.set_target_stats(target_mean, target_std)
-    task = ForecasterTask(net, {"name": model, "kwargs": kwargs}, train.window, train.lr, train.weight_decay, train.epochs)
-    return task, datamodule
-
-
-BUILDERS = {"classifier": build_classifier, "forecaster": build_forecaster}
-
-
-def fit(config: Config, model: str) -> dict[str, Any]:
-    spec = get_spec(model)
-    train = config.train_params(model)
+    task = task_of(config, model)
     L.seed_everything(config.params.seed, workers=True, verbose=False)
-    task, datamodule = BUILDERS[spec.task](config, model)
-    monitor, mode = MONITOR[spec.task]
-    data_sha256 = data_fingerprint(config, spec.task)
+    module, datamodule = task.build(config, model)
+    monitor, mode = task.monitor
+    data_sha256 = task.data_fingerprint(config)
 
     logger = MLFlowLogger(
         experiment_name=config.params.mlflow.experiment,
@@ -85,6 +44,7 @@ def fit(config: Config, model: str) -> dict[str, Any]:
     target = config.paths.checkpoint(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".train-", dir=target.parent) as scratch:
+        # Under DDP, ModelCheckpoint broadcasts rank 0's directory, so only rank 0's scratch is written.
         checkpoint = ModelCheckpoint(dirpath=scratch, filename="best", monitor=monitor, mode=mode, save_top_k=1)
         trainer = L.Trainer(
             max_epochs=train.epochs,
@@ -98,23 +58,26 @@ def fit(config: Config, model: str) -> dict[str, Any]:
             log_every_n_steps=1,  # metrics are logged per epoch; this only silences the small-data warning
         )
         started = time.perf_counter()
-        trainer.fit(task, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule)
         train_seconds = time.perf_counter() - started
         if not checkpoint.best_model_path:
             raise RuntimeError(f"{model}: training produced no checkpoint (no validation run?)")
+        # Collective under DDP: every rank takes part in testing the best checkpoint.
         test_metrics = trainer.test(ckpt_path=checkpoint.best_model_path, datamodule=datamodule, verbose=False)[0]
+        if not trainer.is_global_zero:
+            return None
         os.replace(checkpoint.best_model_path, target)  # same directory tree: an atomic rename
 
     run_id = logger.run_id
-    params_count = count_trainable_parameters(task.net)
-    tracking.log_metrics(config, run_id, {"train_seconds": train_seconds, "params": params_count})
+    trainable_params = count_trainable_parameters(module.model)
+    tracking.log_metrics(config, run_id, {"train_seconds": train_seconds, "trainable_params": trainable_params})
     tracking.log_artifact(config, run_id, target, "checkpoints")
     return {
         "model": model,
-        "task": spec.task,
+        "task": task.name,
         "run_id": run_id,
         "train_seconds": train_seconds,
-        "params": params_count,
+        "trainable_params": trainable_params,
         "epochs_trained": trainer.current_epoch,
         "monitor": monitor,
         "best_score": float(checkpoint.best_model_score),

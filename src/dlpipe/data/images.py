@@ -7,7 +7,6 @@ image files; online sources are downloaded once with pooch, checked against know
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,14 +206,6 @@ def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[
     except ValueError as exc:
         raise DlpipeError(f"data.images.limit: {len(y)} images are too few to split into train/val/test ({exc})") from exc
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

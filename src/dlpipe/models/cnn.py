@@ -1,17 +1,16 @@
 """Convolutional image classifiers: a simple two-block CNN and LeNet-5.
 
-Inputs are float images in [0, 1], shape (B, C, H, W); outputs are class logits (B, num_classes).
+Inputs are float images, shape (B, C, H, W) (the classifier task standardises them before the network);
+outputs are class logits (B, num_classes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from dlpipe.models import register_model
-from dlpipe.models.layers import Standardize, conv_out_size
+from dlpipe.models.layers import conv_out_size
+from dlpipe.models.registry import DropoutRate, PositiveInt, Widths, register_model
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -32,12 +31,11 @@ class SimpleCNN(nn.Module):
         in_channels: int,
         image_size: int,
         num_classes: int,
-        channels: Sequence[int] = (32, 64),
-        hidden: int = 128,
-        dropout: float = 0.3,
+        channels: Widths = (32, 64),
+        hidden: PositiveInt = 128,
+        dropout: DropoutRate = 0.3,
     ) -> None:
         super().__init__()
-        self.standardize = Standardize((1, in_channels, 1, 1))
         blocks: list[nn.Module] = []
         size, previous = image_size, in_channels
         for width in channels:
@@ -56,7 +54,6 @@ class SimpleCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.standardize(x)  # (B, C, H, W)
         x = self.features(x)  # (B, channels[-1], H / 2^k, W / 2^k)
         return self.head(x)  # (B, num_classes)
 
@@ -71,7 +68,6 @@ class LeNet5(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()
-        self.standardize = Standardize((1, in_channels, 1, 1))
         self.pad = max(0, (32 - image_size + 1) // 2)
         size = image_size + 2 * self.pad
         self.features = nn.Sequential(
@@ -93,7 +89,6 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.standardize(x)  # (B, C, H, W)
         x = nn.functional.pad(x, (self.pad,) * 4)  # (B, C, 32, 32) for MNIST-sized inputs
         x = self.features(x)  # (B, 16, 5, 5)
         return self.classifier(x)  # (B, num_classes)

@@ -1,28 +1,9 @@
-"""LightningModules (training logic). Each takes the network as an argument and records how to rebuild
-it (`net_spec`: registered name + builder kwargs) in its hyperparameters, so a checkpoint alone is enough
-to recreate the plain nn.Module for export and evaluation."""
+"""Tasks: one per kind of model, registered by name (see `base.Task`). Importing this package registers
+every task module, so `list_tasks()` is complete."""
 
-from __future__ import annotations
+from dlpipe.tasks.base import EXPORTED_PREFIX, Task, get_task, list_tasks, register_task, task_of, train_params_types
 
-from pathlib import Path
-from typing import Any
+# Importing the task modules registers them.
+from dlpipe.tasks import classifier, forecaster  # noqa: E402,F401,I001
 
-import torch
-from torch import nn
-
-from dlpipe.errors import DlpipeError
-from dlpipe.models import get_model
-
-
-def load_network(checkpoint: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained network (eval mode) and return it with the checkpoint's hyperparameters."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise DlpipeError(f"{checkpoint}: file not found (run train first)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    hparams = state["hyper_parameters"]
-    spec = hparams["net_spec"]
-    network = get_model(spec["name"], **spec["kwargs"])
-    weights = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
-    network.load_state_dict(weights)
-    return network.eval(), hparams
+__all__ = ["EXPORTED_PREFIX", "Task", "get_task", "list_tasks", "register_task", "task_of", "train_params_types"]

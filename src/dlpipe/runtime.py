@@ -1,0 +1,99 @@
+"""ONNX Runtime for every consumer of an exported model (evaluation, benchmarks, serving): sessions on the
+preferred execution provider, batched runs, latency timing, and the model's input contract.
+
+onnxruntime and numpy only: serving a model must not need torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.errors import DlpipeError
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
+
+
+def create_session(path: Path | str, providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None):
+    """An onnxruntime session on the first available of `providers` ("cuda", "cpu").
+
+    A CUDA provider that cannot load only warns and falls back to the CPU, so the provider in use is
+    whatever `session.get_providers()[0]` says; callers record that, not what they asked for.
+    """
+    import onnxruntime as ort
+
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise DlpipeError(f"unknown execution provider {unknown[0]!r}; expected one of {', '.join(PROVIDERS)}")
+    available = set(ort.get_available_providers())
+    chosen = [PROVIDERS[p] for p in providers if PROVIDERS[p] in available] or [PROVIDERS["cpu"]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the CUDA-fallback warning is reported via get_providers()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DlpipeError(f"{path}: not a loadable ONNX model ({first})") from exc
+
+
+def run_batched(session, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The model's first output for `inputs`, computed `batch_size` rows at a time."""
+    name = session.get_inputs()[0].name
+    outputs = [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(outputs)
+
+
+def latency_ms(call: Callable[[], Any], warmup: int, runs: int) -> np.ndarray:
+    """Wall-clock milliseconds of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    timings = np.empty(runs)
+    for i in range(runs):
+        started = time.perf_counter()
+        call()
+        timings[i] = (time.perf_counter() - started) * 1000.0
+    return timings
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What an exported model accepts and returns, read from the ONNX graph and its dlpipe metadata."""
+
+    input_name: str
+    output_name: str
+    dtype: type
+    shape: tuple[int | None, ...]  # None where the dimension is dynamic (batch, sequence length)
+    value_range: tuple[float, float] | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, session) -> InputContract:
+        model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        bounds = metadata.get("dlpipe.input_range")
+        value_range = tuple(float(v) for v in bounds.split(",")) if bounds else None
+        shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
+        return cls(model_input.name, model_output.name, _ORT_DTYPES.get(model_input.type, np.float32), shape, value_range, metadata)
+
+    def check(self, inputs: np.ndarray) -> None:
+        """Raise DlpipeError naming the first way `inputs` breaks the contract."""
+        if inputs.dtype != self.dtype:
+            raise DlpipeError(f"input dtype {inputs.dtype} does not match the model's {np.dtype(self.dtype)}")
+        if inputs.ndim != len(self.shape) or any(want is not None and got != want for got, want in zip(inputs.shape, self.shape)):
+            expected = "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
+            raise DlpipeError(f"input shape {tuple(inputs.shape)} does not match the model's {expected}")
+        if not np.isfinite(inputs).all():
+            raise DlpipeError("input contains NaN or infinite values")
+        if self.value_range is not None and inputs.size:
+            low, high = self.value_range
+            if inputs.min() < low or inputs.max() > high:
+                raise DlpipeError(f"input values span [{inputs.min():g}, {inputs.max():g}], outside the model's range [{low:g}, {high:g}]")

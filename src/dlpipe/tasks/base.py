@@ -1,0 +1,150 @@
+"""The Task protocol: everything that varies by kind of model (classifier, forecaster, generator, ...).
+
+A task turns a registered network into something trainable, exportable and measurable:
+
+- training: its params type (`train.<model>` sections with `task: <name>`), the builder arguments the data
+  supplies, the LightningModule and DataModule built from the config, the metric checkpointing watches;
+- export: the module that becomes the ONNX graph (the network wrapped with its input/output scaling, or
+  one network of several, e.g. a GAN's generator) and real inputs for the parity check;
+- evaluation: metrics through an onnxruntime session, the figures, the promotion metric.
+
+The pipeline (train.py, stages.py, evaluate.py, tracking.py, the Prefect flow, the benchmarks) asks the
+task and never branches on its name. A new kind of model is one module that subclasses `Task` and
+registers it with `@register_task`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlpipe.errors import DlpipeError
+from dlpipe.models import get_model
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from dlpipe.config import Config, TrainParams
+
+# The LightningModule of every task keeps the exported module as `self.model`; its weights are the
+# checkpoint's state-dict entries under this prefix.
+EXPORTED_PREFIX = "model."
+
+
+class Task(ABC):
+    """One kind of model. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    params_type: ClassVar[type[TrainParams]]
+    data_kwargs: ClassVar[tuple[str, ...]]  # builder arguments the data supplies (input shape, classes)
+    monitor: ClassVar[tuple[str, Literal["min", "max"]]]  # what ModelCheckpoint and EarlyStopping watch
+    promotion: ClassVar[tuple[str, bool]]  # metric that decides the `champion` alias; True: higher is better
+    metric_keys: ClassVar[tuple[str, ...]]  # keys `evaluate` adds to reports/metrics/<model>.json
+    input_range: ClassVar[tuple[float, float] | None] = None  # value range of the exported input, if bounded
+
+    # ------------------------------------------------------------------------------------------ training
+
+    @abstractmethod
+    def data_fingerprint(self, config: Config) -> str:
+        """sha256 of the data the model trains on, as recorded by the data stages."""
+
+    @abstractmethod
+    def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
+        """The LightningModule (network wrapped, statistics fitted on the training split) and its data."""
+
+    @abstractmethod
+    def lightning_module(self, net: nn.Module, net_spec: dict[str, Any], train: TrainParams) -> L.LightningModule:
+        """The LightningModule around `net`, with identity input/output statistics."""
+
+    @abstractmethod
+    def wrap(self, net: nn.Module, data_kwargs: dict[str, Any]) -> nn.Module:
+        """The module that is exported: `net` plus the task's scaling, so the ONNX graph takes raw inputs."""
+
+    # -------------------------------------------------------------------------------------------- export
+
+    def load_exported(self, checkpoint: Path) -> nn.Module:
+        """Rebuild the exported module (eval mode) from a checkpoint, without executing anything in it."""
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise DlpipeError(f"{checkpoint}: file not found (run train first)")
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            spec = state["hyper_parameters"]["net_spec"]
+            module = self.wrap(get_model(spec["name"], **spec["kwargs"]), spec["kwargs"])
+            weights = {k.removeprefix(EXPORTED_PREFIX): v for k, v in state["state_dict"].items() if k.startswith(EXPORTED_PREFIX)}
+            module.load_state_dict(weights)
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DlpipeError(f"{checkpoint}: not a loadable {self.name} checkpoint ({first})") from exc
+        return module.eval()
+
+    @abstractmethod
+    def reference_inputs(self, config: Config, model: str) -> np.ndarray:
+        """Real inputs (float32, at most a few hundred) for the export parity check and latency."""
+
+    def onnx_metadata(self, config: Config, model: str) -> dict[str, str]:
+        """Key-value metadata stored in the ONNX file, read back by `dlpipe.runtime.InputContract`."""
+        metadata = {"dlpipe.model": model, "dlpipe.task": self.name}
+        if self.input_range is not None:
+            metadata["dlpipe.input_range"] = f"{self.input_range[0]:g},{self.input_range[1]:g}"
+        return metadata
+
+    # ------------------------------------------------------------------------------------------ evaluate
+
+    @abstractmethod
+    def evaluate(self, config: Config, model: str, network: nn.Module, session: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Metrics (`metric_keys` and more) through the onnxruntime `session`, and the outputs for `plots`."""
+
+    @abstractmethod
+    def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
+        """Figures and the CSV tables `dvc plots` renders, written into `directory`."""
+
+    # ------------------------------------------------------------------- synthetic data (tests, benchmarks)
+
+    @abstractmethod
+    def example_data_kwargs(self) -> dict[str, Any]:
+        """Data-supplied builder arguments of a typical dataset (MNIST-sized images, the stock features)."""
+
+    @abstractmethod
+    def synthetic_inputs(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> np.ndarray:
+        """A float32 batch shaped like the exported module's input."""
+
+    @abstractmethod
+    def synthetic_batch(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> Any:
+        """A training batch shaped like the DataModule's."""
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` the task named `cls.name`."""
+    if cls.name in _TASKS:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    _TASKS[cls.name] = cls()
+    return cls
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        raise DlpipeError(f"unknown task {name!r}; registered tasks: {', '.join(list_tasks())}")
+    return _TASKS[name]
+
+
+def train_params_types() -> list[type[TrainParams]]:
+    return [_TASKS[name].params_type for name in list_tasks()]
+
+
+def task_of(config: Config, model: str) -> Task:
+    """The task that trains `model` according to its `train.<model>` section."""
+    return get_task(config.train_params(model).task)
+
