@@ -1,7 +1,8 @@
 """Inference benchmark: PyTorch eager vs ONNX Runtime (fp32) vs ONNX Runtime dynamic int8, on the CPU.
 
 Needs no trained pipeline: every registered model is built with `dlpipe.models.get_model` (seeded random
-weights), exported with `dlpipe.export.export_onnx` into a temporary directory, quantized with
+weights) and wrapped by its task as the pipeline exports it (input scaling included), exported with
+`dlpipe.export.export_onnx` into a temporary directory, quantized with
 `onnxruntime.quantization.quantize_dynamic` (int8 weights), and timed at batch 1 and batch 32 in one run.
 
     python benchmarks/bench_inference.py [--models cnn lstm] [--runs N] [--out benchmarks/results/inference.json]
@@ -32,9 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "inference.json"
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 BATCH_SIZES = (1, 32)
-IMAGE_SHAPE = (1, 28, 28)  # MNIST-sized: in_channels=1, image_size=28
-NUM_CLASSES = 10
-WINDOW = 20  # trading days per forecaster input
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,8 +42,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python benchmarks/bench_inference.py",
         description="PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime dynamic int8 latency (CPU), per model.",
     )
-    p.add_argument("--models", nargs="+", default=list_models(), choices=list_models(), help="models to benchmark (default: all registered)")
-    p.add_argument("--runs", type=int, default=200, help="timed calls per latency figure (default: 200; p99 needs ~100+)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list_models(),
+        choices=list_models(),
+        help="models to benchmark (default: all registered)",
+    )
+    p.add_argument(
+        "--runs", type=int, default=200, help="timed calls per latency figure (default: 200; p99 needs ~100+)"
+    )
     p.add_argument("--warmup", type=int, default=20, help="untimed calls before each measurement (default: 20)")
     p.add_argument(
         "--threads",
@@ -58,11 +64,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--params",
         type=Path,
         default=DEFAULT_PARAMS,
-        help="params.yaml whose train.<model>.net sections size the networks; models without one use the builder's defaults",
+        help="params.yaml whose train.<model>.net sections size the networks; "
+        "models without one use the builder's defaults",
     )
-    p.add_argument("--builder-defaults", action="store_true", help="ignore params.yaml and build every model with the builder's defaults")
+    p.add_argument(
+        "--builder-defaults",
+        action="store_true",
+        help="ignore params.yaml and build every model with the builder's defaults",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed for weights and inputs (default: 42)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})"
+    )
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         p.error("--runs must be >= 1, --warmup >= 0, --threads >= 1")
@@ -103,45 +116,28 @@ def read_params(path: Path | None) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def build(name: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
-    """The network (eval mode), its builder kwargs, and where the net kwargs came from."""
-    from dlpipe.data.stocks import FEATURES
+def build(name: str, params: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], str]:
+    """The task, the exported module (eval mode), its builder kwargs, and where the net kwargs came from.
+
+    Data-supplied arguments (input shape, classes) are the task's example ones: MNIST-sized images,
+    the stock features.
+    """
     from dlpipe.models import get_model, get_spec
+    from dlpipe.tasks import get_task
 
-    spec = get_spec(name)
-    if spec.task == "classifier":
-        data_kwargs = {"in_channels": IMAGE_SHAPE[0], "image_size": IMAGE_SHAPE[1], "num_classes": NUM_CLASSES}
-    elif spec.task == "forecaster":
-        data_kwargs = {"n_features": len(FEATURES)}
-    else:
-        raise SystemExit(f"{name}: task {spec.task!r} has no benchmark inputs")
+    task = get_task(get_spec(name).task)
+    data_kwargs = task.example_data_kwargs()
     net = dict(((params.get("train") or {}).get(name) or {}).get("net") or {})
-    source = "params.yaml train.%s.net" % name if net else "builder defaults"
+    source = f"params.yaml train.{name}.net" if net else "builder defaults"
     kwargs = {**data_kwargs, **net}
-    return get_model(name, **kwargs).eval(), kwargs, source
-
-
-def make_inputs(task: str, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Real-looking inputs: images uniform in [0, 1]; windows of standard-normal daily features."""
-    if task == "classifier":
-        return rng.uniform(0.0, 1.0, size=(batch, *IMAGE_SHAPE)).astype(np.float32)
-    from dlpipe.data.stocks import FEATURES
-
-    return rng.standard_normal(size=(batch, WINDOW, len(FEATURES))).astype(np.float32)
+    return task, task.wrap(get_model(name, **kwargs), data_kwargs).eval(), kwargs, source
 
 
 def cpu_session(path: Path, threads: int | None):
-    """The pipeline's own CPU session (`dlpipe.export.session`), or the same with an explicit thread count."""
-    from dlpipe.export import session
+    """The pipeline's own CPU session (`dlpipe.runtime.create_session`), optionally with a thread count."""
+    from dlpipe.runtime import create_session
 
-    if threads is None:
-        return session(path, ["cpu"])
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return create_session(path, ["cpu"], threads=threads)
 
 
 def percentiles(timings: np.ndarray) -> dict[str, float]:
@@ -164,7 +160,7 @@ def latencies_ms(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) ->
     both spin-wait for a while after each call, so alternating them makes each pool steal the cores from
     the other and measures that contention instead of the backends.
     """
-    from dlpipe.evaluate import latency_ms
+    from dlpipe.runtime import latency_ms
 
     return {name: latency_ms(call, warmup, runs) for name, call in calls.items()}
 
@@ -193,17 +189,19 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], threads: int | None, workdir: Path) -> dict[str, Any]:
+def bench_model(
+    name: str, args: argparse.Namespace, params: dict[str, Any], threads: int | None, workdir: Path
+) -> dict[str, Any]:
     import torch
 
-    from dlpipe.export import INPUT_NAME, export_onnx
-    from dlpipe.models import count_trainable_parameters, get_spec
+    from dlpipe.export import export_onnx
+    from dlpipe.models import count_trainable_parameters
+    from dlpipe.runtime import INPUT_NAME
 
-    task = get_spec(name).task
     torch.manual_seed(args.seed)
-    network, kwargs, source = build(name, params)
+    task, network, kwargs, source = build(name, params)
     rng = np.random.default_rng(args.seed)
-    inputs = {batch: make_inputs(task, batch, rng) for batch in BATCH_SIZES}
+    inputs = {batch: task.synthetic_inputs(kwargs, batch, rng) for batch in BATCH_SIZES}
 
     fp32_path, int8_path = workdir / f"{name}.fp32.onnx", workdir / f"{name}.int8.onnx"
     started = time.perf_counter()
@@ -212,7 +210,7 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
     fp32 = cpu_session(fp32_path, threads)
 
     result: dict[str, Any] = {
-        "task": task,
+        "task": task.name,
         "builder_kwargs": kwargs,
         "net_kwargs_source": source,
         "trainable_parameters": count_trainable_parameters(network),
@@ -246,9 +244,9 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
             torch_out = network(tensor).numpy()
             fp32_out = fp32.run(None, feed)[0]
             int8_out = int8.run(None, feed)[0] if int8 is not None else None
-            calls = {"torch": lambda: network(tensor), "onnx_fp32": lambda: fp32.run(None, feed)}
+            calls = {"torch": lambda x=tensor: network(x), "onnx_fp32": lambda f=feed: fp32.run(None, f)}
             if int8 is not None:
-                calls["onnx_int8"] = lambda: int8.run(None, feed)
+                calls["onnx_int8"] = lambda f=feed: int8.run(None, f)
             timings = latencies_ms(calls, args.warmup, args.runs)
         torch_t, fp32_t = timings["torch"], timings["onnx_fp32"]
         row: dict[str, Any] = {
@@ -263,9 +261,13 @@ def bench_model(name: str, args: argparse.Namespace, params: dict[str, Any], thr
             row["onnx_int8"] = percentiles(timings["onnx_int8"])
             row["int8_vs_fp32_max_abs_diff"] = float(np.max(np.abs(int8_out - fp32_out)))
         row["torch_p50_over_onnx_fp32_p50"] = ratio(row["torch"]["p50_ms"], row["onnx_fp32"]["p50_ms"])
-        row["onnx_fp32_p50_over_onnx_int8_p50"] = ratio(row["onnx_fp32"]["p50_ms"], row["onnx_int8"]["p50_ms"] if row["onnx_int8"] else None)
+        row["onnx_fp32_p50_over_onnx_int8_p50"] = ratio(
+            row["onnx_fp32"]["p50_ms"], row["onnx_int8"]["p50_ms"] if row["onnx_int8"] else None
+        )
         result["batches"][str(batch)] = row
-    diffs = [r["int8_vs_fp32_max_abs_diff"] for r in result["batches"].values() if r["int8_vs_fp32_max_abs_diff"] is not None]
+    diffs = [
+        r["int8_vs_fp32_max_abs_diff"] for r in result["batches"].values() if r["int8_vs_fp32_max_abs_diff"] is not None
+    ]
     result["int8_vs_fp32_max_abs_diff"] = max(diffs) if diffs else None
     return result
 
@@ -287,13 +289,15 @@ def first_line(text: str | None, width: int = 100) -> str:
 def format_table(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     head = (
-        f"{'model':<8} {'batch':>5} | {'torch p50':>9} {'p99':>8} | {'ort fp32 p50':>12} {'p99':>8} | {'ort int8 p50':>12} {'p99':>8} |"
+        f"{'model':<8} {'batch':>5} | {'torch p50':>9} {'p99':>8} | {'ort fp32 p50':>12} {'p99':>8} |"
+        f" {'ort int8 p50':>12} {'p99':>8} |"
         f" {'torch/fp32':>10} {'fp32/int8':>9}"
     )
     lines = [
         f"latency in ms (p50/p99 of {payload['settings']['runs']} runs, {payload['settings']['warmup']} warm-up); "
         f"{env['ort_intra_op_threads']} intra-op thread(s) for torch and onnxruntime; "
-        f"torch {env['torch_version']}, onnxruntime {env['onnxruntime_version']}, {env['cpu_count']} CPUs ({env['cpu_model']}); "
+        f"torch {env['torch_version']}, onnxruntime {env['onnxruntime_version']}, "
+        f"{env['cpu_count']} CPUs ({env['cpu_model']}); "
         f"1-min load average {env['loadavg_1m_before']:.2f} before, {env['loadavg_1m_after']:.2f} after",
         head,
         "-" * len(head),
@@ -305,9 +309,14 @@ def format_table(payload: dict[str, Any]) -> str:
                 f"{name:<8} {batch:>5} | {_f(row['torch']['p50_ms']):>9} {_f(row['torch']['p99_ms']):>8} |"
                 f" {_f(row['onnx_fp32']['p50_ms']):>12} {_f(row['onnx_fp32']['p99_ms']):>8} |"
                 f" {_f(int8.get('p50_ms')):>12} {_f(int8.get('p99_ms')):>8} |"
-                f" {_f(row['torch_p50_over_onnx_fp32_p50'], '.2f'):>10} {_f(row['onnx_fp32_p50_over_onnx_int8_p50'], '.2f'):>9}"
+                f" {_f(row['torch_p50_over_onnx_fp32_p50'], '.2f'):>10}"
+                f" {_f(row['onnx_fp32_p50_over_onnx_int8_p50'], '.2f'):>9}"
             )
-    lines += ["", f"{'model':<8} | {'fp32 .onnx KiB':>14} {'int8 .onnx KiB':>14} {'size ratio':>10} | {'max|int8-fp32|':>14} {'max|fp32|':>10} | int8 error"]
+    lines += [
+        "",
+        f"{'model':<8} | {'fp32 .onnx KiB':>14} {'int8 .onnx KiB':>14} {'size ratio':>10} |"
+        f" {'max|int8-fp32|':>14} {'max|fp32|':>10} | int8 error",
+    ]
     lines.append("-" * len(lines[-1]))
     for name, result in payload["models"].items():
         fp32_kib = result["fp32_onnx_bytes"] / 1024
@@ -317,7 +326,9 @@ def format_table(payload: dict[str, Any]) -> str:
             f"{name:<8} | {fp32_kib:>14.1f} {_f(int8_kib, '.1f'):>14} {_f(ratio(fp32_kib, int8_kib), '.2f'):>10} |"
             f" {_f(result['int8_vs_fp32_max_abs_diff'], '.2e'):>14} {scale:>10.3g} | {first_line(result['int8_error'])}"
         )
-    lines.append("torch/fp32 > 1: ONNX Runtime fp32 is faster than PyTorch eager; fp32/int8 > 1: int8 is faster than fp32.")
+    lines.append(
+        "torch/fp32 > 1: ONNX Runtime fp32 is faster than PyTorch eager; fp32/int8 > 1: int8 is faster than fp32."
+    )
     return "\n".join(lines)
 
 
@@ -346,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "generated_unix": int(time.time()),
         "total_seconds": time.perf_counter() - started,
-        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", "benchmarks/bench_inference.py", *argv]),
+        "command": " ".join(["python", *sys.argv])
+        if argv is None
+        else " ".join(["python", "benchmarks/bench_inference.py", *argv]),
         "settings": {
             "models": args.models,
             "batch_sizes": list(BATCH_SIZES),
@@ -354,11 +367,11 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "seed": args.seed,
             "opset": args.opset,
-            "window": WINDOW,
             "params_file": None if args.builder_defaults or not params else str(args.params),
             "quantization": "onnxruntime.quantization.quantize_dynamic, weight_type=QInt8 (all supported op types)",
             "timing": "per backend in turn (torch, onnx_fp32, onnx_int8): warmup untimed calls, then runs timed calls",
-            "inputs": "images uniform [0, 1], shape (B, 1, 28, 28); windows standard normal, shape (B, 20, n_features)",
+            "inputs": "each task's synthetic_inputs: images uniform [0, 1], shape (B, 1, 28, 28); "
+            "windows standard normal, shape (B, 20, n_features)",
         },
         "environment": {
             "torch_version": torch.__version__,
@@ -369,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "physical_cores": physical_cores(),
             "ort_intra_op_threads": threads_used,
-            "ort_intra_op_threads_source": "--threads" if args.threads is not None else "onnxruntime default (physical cores; session from dlpipe.export.session)",
+            "ort_intra_op_threads_source": "--threads"
+            if args.threads is not None
+            else "onnxruntime default (physical cores; session from dlpipe.runtime.create_session)",
             "torch_num_threads": torch.get_num_threads(),
             "torch_num_interop_threads": torch.get_num_interop_threads(),
             "loadavg_1m_before": load_before[0],

@@ -7,7 +7,9 @@ import numpy as np
 from dlpipe.augment import augment_images, build_pipeline, save_preview
 from dlpipe.config import AugmentParams
 
-PARAMS = AugmentParams(copies=2, p=1.0, rotate_deg=15, translate_frac=0.1, scale_min=0.9, scale_max=1.1, shear_deg=10, preview_count=4)
+PARAMS = AugmentParams(
+    copies=2, p=1.0, rotate_deg=15, translate_frac=0.1, scale_min=0.9, scale_max=1.1, shear_deg=10, preview_count=4
+)
 
 
 def digits(n: int = 6) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,9 @@ from conftest import tiny_params, write_project
 
 def dlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", "dlpipe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dlpipe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def snapshot(root: Path) -> set[Path]:
@@ -37,6 +39,10 @@ def _bad_project(tmp_path: Path, mutate) -> Path:
         (["fetch_stocks"], lambda p: p["data"]["stocks"].update(ticker="ZZZZ"), "data.stocks.ticker"),
         (["export", "cnn"], lambda p: None, "models/cnn/train.json: file not found"),
         (["train"], lambda p: None, "needs a model name"),
+        (["train", "cnn"], lambda p: p["train"]["cnn"]["net"].update(channels="abc"), "train.cnn.net.channels"),
+        (["train", "lstm"], lambda p: p["train"]["lstm"]["net"].update(hidden=-5), "train.lstm.net.hidden"),
+        (["train", "cnn"], lambda p: p["train"]["cnn"]["optimizer"].update(name="lion"), "train.cnn.optimizer.name"),
+        (["fetch_images"], lambda p: p["train"]["cnn"]["optimizer"].update(momentum=0.9), "train.cnn.optimizer"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mutate, expected):

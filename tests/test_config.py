@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, tiny_params, write_project
+from dlpipe import tracking
 from dlpipe.config import load_config
 from dlpipe.errors import DlpipeError
-from dlpipe import tracking
 
 
 def test_repository_params_are_valid():
@@ -44,11 +44,68 @@ def _error_for(tmp_path, mutate) -> str:
         (lambda p: p.update(models=["cnn", "resnet"]), "resnet"),
         (lambda p: p["train"].update(resnet=dict(p["train"]["cnn"])), "unknown model 'resnet'"),
         (lambda p: p["train"]["lstm"].update(task="classifier"), "train.lstm.task"),
-        (lambda p: p["train"]["lstm"].pop("window"), "window"),
+        (lambda p: p["train"]["lstm"].pop("window"), "train.lstm.window"),
+        (lambda p: p["train"]["lstm"].update(window=1), "train.lstm.window"),
+        (lambda p: p["train"]["cnn"].update(window=20), "train.cnn.window"),  # classifiers have no window
+        (lambda p: p["train"]["cnn"].update(task="regressor"), "train.cnn.task"),
+        (lambda p: p["train"]["cnn"].pop("task"), "train.cnn.task"),
+        (lambda p: p["train"]["cnn"]["net"].update(channels="abc"), "train.cnn.net.channels"),
+        (lambda p: p["train"]["cnn"]["net"].update(hidden=-5), "train.cnn.net.hidden"),
+        (lambda p: p["train"]["lstm"]["net"].update(layers=0), "train.lstm.net.layers"),
+        (lambda p: p["train"]["cnn"].pop("optimizer"), "train.cnn.optimizer"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(name="lion"), "train.cnn.optimizer.name"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(lr=-1), "train.cnn.optimizer.lr"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(beta1=0.9), "train.cnn.optimizer.beta1"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(betas=[0.9, 1.5]), "train.cnn.optimizer.betas.1"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(momentum=0.9), "momentum: adamw has no momentum"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(name="adam", nesterov=True), "nesterov"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(gamma=0.5), "step_size/gamma"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(schedule="linear"), "train.cnn.optimizer.schedule"),
+        (lambda p: p["train"]["cnn"]["optimizer"].update(warmup_epochs=1), "optimizer.warmup_epochs (1) must be less"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, mutate, expected):
     assert expected in _error_for(tmp_path, mutate)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "schedule": "step", "step_size": 5, "gamma": 0.5},
+        {"name": "rmsprop", "lr": 0.001, "momentum": 0.5, "schedule": "none"},
+        {"name": "adam", "lr": 0.001, "betas": [0.5, 0.999], "warmup_epochs": 0},
+    ],
+)
+def test_every_optimizer_is_accepted_and_built(tmp_path, optimizer):
+    import torch
+
+    from dlpipe.tasks.optim import configure_optimizers
+
+    params = tiny_params()
+    params["train"]["cnn"].update(epochs=10, optimizer=optimizer)
+    config = load_config(write_project(tmp_path, params))
+    built = configure_optimizers(config.train_params("cnn").optimizer, [torch.nn.Parameter(torch.zeros(1))], epochs=10)
+    assert type(built["optimizer"]).__name__.lower() == optimizer["name"]
+    assert built["optimizer"].param_groups[0]["lr"] == pytest.approx(optimizer["lr"])
+
+
+def test_warmup_then_cosine_schedule():
+    import torch
+
+    from dlpipe.config import OptimizerParams
+    from dlpipe.tasks.optim import configure_optimizers
+
+    built = configure_optimizers(
+        OptimizerParams(lr=1.0, warmup_epochs=2), [torch.nn.Parameter(torch.zeros(1))], epochs=6
+    )
+    optimizer, schedule = built["optimizer"], built["lr_scheduler"]
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1 / 3) and rates[1] == pytest.approx(2 / 3) and rates[2] == pytest.approx(1.0)
+    assert rates[2] > rates[3] > rates[4] > rates[5] > 0  # cosine decay over the remaining 4 epochs
 
 
 def test_missing_params_file_is_named(tmp_path):
@@ -97,7 +154,11 @@ def test_every_param_in_the_shipped_file_has_a_comment():
     uncommented = [
         line
         for line in lines
-        if line.strip() and not line.lstrip().startswith("#") and ":" in line and "#" not in line and not line.rstrip().endswith(":")
+        if line.strip()
+        and not line.lstrip().startswith("#")
+        and ":" in line
+        and "#" not in line
+        and not line.rstrip().endswith(":")
     ]
     assert uncommented == []
     assert yaml.safe_load("\n".join(lines))

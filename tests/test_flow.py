@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -32,11 +31,15 @@ def free_port() -> int:
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
-    )
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += [
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    log_file = open(root / "server.log", "w")  # noqa: SIM115 - the server writes to it until the fixture ends
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -47,12 +50,14 @@ def mlflow_server(tmp_path_factory):
                         break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
+                    log = (root / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start:\n{log}") from None
                 time.sleep(0.5)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+        log_file.close()
 
 
 @pytest.fixture(scope="module")

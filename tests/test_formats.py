@@ -35,12 +35,19 @@ def build_cifar_archive(path: Path, batches: dict[str, tuple[np.ndarray, list[in
         info = tarfile.TarInfo("cifar-10-batches-py/readme.html")
         info.size = len(readme)
         archive.addfile(info, io.BytesIO(readme))
-        _add_pickle(archive, "cifar-10-batches-py/batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072})
+        _add_pickle(
+            archive, "cifar-10-batches-py/batches.meta", {b"label_names": [n.encode() for n in names], b"num_vis": 3072}
+        )
         for batch, (rows, labels) in batches.items():
             _add_pickle(
                 archive,
                 f"cifar-10-batches-py/{batch}",
-                {b"batch_label": batch.encode(), b"labels": list(labels), b"data": rows, b"filenames": [b"x.png"] * len(labels)},
+                {
+                    b"batch_label": batch.encode(),
+                    b"labels": list(labels),
+                    b"data": rows,
+                    b"filenames": [b"x.png"] * len(labels),
+                },
             )
     return path
 
@@ -207,7 +214,9 @@ def test_read_cifar10_not_an_archive(tmp_path):
 def test_read_cifar10_archive_without_meta(tmp_path):
     path = tmp_path / "c.tar.gz"
     with tarfile.open(path, "w:gz") as archive:
-        _add_pickle(archive, "cifar-10-batches-py/data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+        _add_pickle(
+            archive, "cifar-10-batches-py/data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+        )
     with pytest.raises(DlpipeError, match="no batches.meta") as info:
         read_cifar10_archive(path)
     assert str(path) in str(info.value)

@@ -21,7 +21,12 @@ from dlpipe.data.formats import write_idx
 from dlpipe.data.images import ImageSet, load_digits, load_folder, load_images, load_mnist_5k, split_stratified
 from dlpipe.errors import DlpipeError
 
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 CIFAR_FILE = "cifar-10-python.tar.gz"
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -63,8 +68,12 @@ def build_cifar_archive(path: Path, n_train: int = 12, n_test: int = 8, seed: in
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as archive:
         _add_pickle(archive, "cifar-10-batches-py/batches.meta", {b"label_names": [n.encode() for n in CIFAR_NAMES]})
-        _add_pickle(archive, "cifar-10-batches-py/data_batch_1", {b"data": rows[:n_train], b"labels": labels[:n_train].tolist()})
-        _add_pickle(archive, "cifar-10-batches-py/test_batch", {b"data": rows[n_train:], b"labels": labels[n_train:].tolist()})
+        _add_pickle(
+            archive, "cifar-10-batches-py/data_batch_1", {b"data": rows[:n_train], b"labels": labels[:n_train].tolist()}
+        )
+        _add_pickle(
+            archive, "cifar-10-batches-py/test_batch", {b"data": rows[n_train:], b"labels": labels[n_train:].tolist()}
+        )
     return rows, labels
 
 
@@ -191,7 +200,7 @@ def test_split_sizes_disjoint_and_stratified(mnist_5k):
     assert len(rows["train"] | rows["val"] | rows["test"]) == 5000
 
     # Every image keeps its own label.
-    label_of = {row.tobytes(): label for row, label in zip(mnist_5k.x, mnist_5k.y)}
+    label_of = {row.tobytes(): label for row, label in zip(mnist_5k.x, mnist_5k.y, strict=True)}
     for x, y in splits.values():
         assert [label_of[row.tobytes()] for row in x] == y.tolist()
 
@@ -293,7 +302,9 @@ def test_load_folder(tmp_path):
 def test_load_images_folder_source_relative_and_absolute(tmp_path):
     written = build_folder(tmp_path / "data" / "imgs", {"b": 2, "a": 2}, size=(6, 6))
     relative = load_images(ImagesParams(source="folder:data/imgs"), cache=tmp_path / "cache", root=tmp_path)
-    absolute = load_images(ImagesParams(source=f"folder:{tmp_path / 'data' / 'imgs'}"), cache=tmp_path / "cache", root=Path("/nonexistent"))
+    absolute = load_images(
+        ImagesParams(source=f"folder:{tmp_path / 'data' / 'imgs'}"), cache=tmp_path / "cache", root=Path("/nonexistent")
+    )
     for images in (relative, absolute):
         assert images.classes == ["a", "b"]
         assert images.y.tolist() == [0, 0, 1, 1]
@@ -446,9 +457,13 @@ def test_missing_checksum_falls_back_to_published_hash(mirror, tmp_path):
 
 def test_fashion_mnist_uses_the_same_idx_loader(mirror, tmp_path):
     written = build_mnist_mirror(mirror.directory, seed=9)
-    params = ImagesParams(source="fashion_mnist", mirror=mirror.url, checksums={n: sha256(mirror.directory / n) for n in MNIST_FILES})
+    params = ImagesParams(
+        source="fashion_mnist", mirror=mirror.url, checksums={n: sha256(mirror.directory / n) for n in MNIST_FILES}
+    )
     images = load_images(params, cache=tmp_path / "cache", root=tmp_path)
-    np.testing.assert_array_equal(images.y, np.concatenate([written["train-labels-idx1-ubyte.gz"], written["t10k-labels-idx1-ubyte.gz"]]))
+    np.testing.assert_array_equal(
+        images.y, np.concatenate([written["train-labels-idx1-ubyte.gz"], written["t10k-labels-idx1-ubyte.gz"]])
+    )
     assert images.classes[0] == "T-shirt/top"
     assert (tmp_path / "cache" / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").is_file()
 
@@ -476,7 +491,9 @@ def test_bad_mirror_scheme_is_not_a_checksum_error(tmp_path):
 
 def test_cifar10_download_verify_and_cache(mirror, tmp_path):
     rows, labels = build_cifar_archive(mirror.directory / CIFAR_FILE)
-    params = ImagesParams(source="cifar10", mirror=mirror.url, checksums={CIFAR_FILE: sha256(mirror.directory / CIFAR_FILE)})
+    params = ImagesParams(
+        source="cifar10", mirror=mirror.url, checksums={CIFAR_FILE: sha256(mirror.directory / CIFAR_FILE)}
+    )
     cache = tmp_path / "cache"
 
     images = load_images(params, cache=cache, root=tmp_path)
@@ -514,7 +531,9 @@ def test_cifar10_404(mirror, tmp_path):
 
 def test_cifar10_served_file_is_not_an_archive(mirror, tmp_path):
     (mirror.directory / CIFAR_FILE).write_bytes(b"<html>maintenance page</html>")
-    params = ImagesParams(source="cifar10", mirror=mirror.url, checksums={CIFAR_FILE: sha256(mirror.directory / CIFAR_FILE)})
+    params = ImagesParams(
+        source="cifar10", mirror=mirror.url, checksums={CIFAR_FILE: sha256(mirror.directory / CIFAR_FILE)}
+    )
     with pytest.raises(DlpipeError, match="not a CIFAR-10 python archive") as info:
         load_images(params, cache=tmp_path / "cache", root=tmp_path)
     assert str(tmp_path / "cache" / "cifar10" / CIFAR_FILE) in str(info.value)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dlpipe.io import atomic_dir, atomic_path, write_json, read_json
 from dlpipe.errors import DlpipeError
+from dlpipe.io import atomic_dir, atomic_path, read_json, write_json
 
 
 def test_atomic_path_replaces_on_success(tmp_path):

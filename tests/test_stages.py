@@ -34,7 +34,11 @@ def pipeline_run(tmp_path_factory):
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     config = load_config(write_project(tmp_path_factory.mktemp("pipeline"), tiny_params()))
-    results = {"fetch_images": stages.fetch_images(config), "fetch_stocks": stages.fetch_stocks(config), "augment": stages.augment(config)}
+    results = {
+        "fetch_images": stages.fetch_images(config),
+        "fetch_stocks": stages.fetch_stocks(config),
+        "augment": stages.augment(config),
+    }
     for model in config.params.models:
         for stage in ("train", "export", "evaluate"):
             results[f"{stage}@{model}"] = stages.STAGES[stage](config, model)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import REPO_ROOT
 from dlpipe.config import StocksParams
 from dlpipe.data.stocks import (
     FEATURES,
@@ -21,12 +22,12 @@ from dlpipe.data.stocks import (
 )
 from dlpipe.errors import DlpipeError
 
-from conftest import REPO_ROOT
-
 SAMPLES = REPO_ROOT / "data" / "samples"
 
 
-def params(ticker: str = "GOOG", source: str = "sample", start: str | None = None, end: str | None = None) -> StocksParams:
+def params(
+    ticker: str = "GOOG", source: str = "sample", start: str | None = None, end: str | None = None
+) -> StocksParams:
     return StocksParams(source=source, ticker=ticker, start=start, end=end)
 
 
@@ -272,7 +273,17 @@ def test_download_yfinance_clean_frame(yf_calls):
     p = params("MSFT", source="yfinance", start="2024-01-01", end="2025-01-01")
     raw = download_yfinance(p)
     assert yf_calls["calls"] == [
-        ("MSFT", {"start": "2024-01-01", "end": "2025-01-01", "interval": "1d", "auto_adjust": True, "progress": False, "threads": False})
+        (
+            "MSFT",
+            {
+                "start": "2024-01-01",
+                "end": "2025-01-01",
+                "interval": "1d",
+                "auto_adjust": True,
+                "progress": False,
+                "threads": False,
+            },
+        )
     ]
     assert "Date" in raw.columns
     assert set(PRICE_COLUMNS) <= set(raw.columns)

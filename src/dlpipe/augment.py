@@ -36,7 +36,9 @@ def build_pipeline(params: AugmentParams, seed: int):
     )
 
 
-def augment_images(x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def augment_images(
+    x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: int, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the originals followed by `copies` augmented versions of each image (uint8, N(1+copies))."""
     from tqdm.auto import tqdm
 
@@ -46,7 +48,9 @@ def augment_images(x: np.ndarray, y: np.ndarray, params: AugmentParams, seed: in
     hwc = x.transpose(0, 2, 3, 1)  # albumentations works on (H, W, C)
     out = [x]
     for _ in range(params.copies):
-        batch = np.stack([pipeline(image=image)["image"] for image in tqdm(hwc, desc="augment", disable=not progress, leave=False)])
+        batch = np.stack(
+            [pipeline(image=image)["image"] for image in tqdm(hwc, desc="augment", disable=not progress, leave=False)]
+        )
         out.append(batch.reshape(hwc.shape).transpose(0, 3, 1, 2))
     return np.concatenate(out).astype(np.uint8), np.tile(y, params.copies + 1)
 

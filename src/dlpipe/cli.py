@@ -17,7 +17,9 @@ from dlpipe.errors import DlpipeError
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlpipe", description="Run one stage of the dlpipe pipeline (as dvc.yaml does).")
-    p.add_argument("stage", choices=(*stages.STAGES, "models"), help="pipeline stage to run, or 'models' to list registered models")
+    p.add_argument(
+        "stage", choices=(*stages.STAGES, "models"), help="pipeline stage to run, or 'models' to list registered models"
+    )
     p.add_argument("model", nargs="?", help="model name for train / export / evaluate (see `dlpipe models`)")
     p.add_argument("--params", default=None, help=f"params file (default: ${PARAMS_ENV}, else ./params.yaml)")
     return p

@@ -120,7 +120,9 @@ class TrainParams(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
         if self.optimizer.warmup_epochs >= self.epochs:
-            raise ValueError(f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise ValueError(
+                f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be less than epochs ({self.epochs})"
+            )
         return self
 
 
@@ -299,7 +301,12 @@ def _one_line(error: ValidationError, params_file: Path, raw: dict[str, Any]) ->
     first = error.errors()[0]
     loc = [str(part) for part in first["loc"]]
     # A discriminated union puts the chosen tag into the location (train.cnn.classifier.epochs): drop it.
-    if len(loc) > 2 and loc[0] == "train" and isinstance(raw["train"].get(loc[1]), dict) and raw["train"][loc[1]].get("task") == loc[2]:
+    if (
+        len(loc) > 2
+        and loc[0] == "train"
+        and isinstance(raw["train"].get(loc[1]), dict)
+        and raw["train"][loc[1]].get("task") == loc[2]
+    ):
         del loc[2]
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc.append("task")
@@ -322,6 +329,7 @@ def load_config(params_file: Path | str | None = None) -> Config:
         raise DlpipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(raw, dict):
         raise DlpipeError(f"{path}: expected a mapping at the top level")
+    _check_model_tasks(raw, path)
     try:
         params = params_schema().model_validate(raw)
     except ValidationError as exc:
@@ -330,16 +338,30 @@ def load_config(params_file: Path | str | None = None) -> Config:
     return Config(params=params, paths=Paths(path.parent), params_file=path, raw=raw)
 
 
+def _check_model_tasks(raw: dict[str, Any], params_file: Path) -> None:
+    """Each `train.<model>` names a registered model and that model's task.
+
+    Checked before the sections are validated, so that a model filed under the wrong task is reported as
+    such, not as the other task's missing or unexpected keys.
+    """
+    from dlpipe.models import get_spec
+
+    sections = raw.get("train")
+    for name, section in sections.items() if isinstance(sections, dict) else ():
+        spec = get_spec(name, where=f"{params_file}: train.{name}")
+        task = section.get("task") if isinstance(section, dict) else None
+        if isinstance(task, str) and task != spec.task:
+            raise DlpipeError(f"{params_file}: train.{name}.task: model {name!r} is a {spec.task}, not a {task}")
+
+
 def _with_checked_nets(params: Params, params_file: Path) -> Params:
-    """Check each model is registered for its task and its `net:` values against the builder's type hints."""
+    """Each model's `net:` values, checked against its builder's type hints (and coerced to them)."""
     from dlpipe.models import get_spec
     from dlpipe.tasks import get_task
 
     checked = {}
     for name, train in params.train.items():
-        spec = get_spec(name, where=f"{params_file}: train.{name}")
-        if spec.task != train.task:
-            raise DlpipeError(f"{params_file}: train.{name}.task: model {name!r} is a {spec.task}, not a {train.task}")
+        spec = get_spec(name)
         net = spec.validate_net(train.net, get_task(train.task).data_kwargs, where=f"{params_file}: train.{name}.net")
         checked[name] = train.model_copy(update={"net": net})
     return params.model_copy(update={"train": checked})

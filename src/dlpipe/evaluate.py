@@ -48,6 +48,9 @@ def evaluate_model(config: Config, model: str) -> dict[str, Any]:
     network = task.load_exported(config.paths.checkpoint(model))
     session = create_session(onnx_path, config.params.evaluate.providers)
     metrics, outputs = task.evaluate(config, model, network, session)
+    missing = [key for key in task.metric_keys if key not in metrics]
+    if missing:  # a task that breaks its own promise would silently drop columns from reports and promotion
+        raise RuntimeError(f"{task.name} task returned no {', '.join(missing)} for {model}")
     metrics["onnx_provider"] = session.get_providers()[0]
     metrics.update(latency_table(config, network, session, task.reference_inputs(config, model)))
     metrics.update({key: train_info[key] for key in ("trainable_params", "train_seconds", "epochs_trained")})

@@ -20,7 +20,9 @@ class ParityError(DlpipeError):
     """The exported graph disagrees with PyTorch beyond the tolerance."""
 
 
-def export_onnx(network: nn.Module, example: torch.Tensor, target: Path, opset: int, metadata: dict[str, str] | None = None) -> None:
+def export_onnx(
+    network: nn.Module, example: torch.Tensor, target: Path, opset: int, metadata: dict[str, str] | None = None
+) -> None:
     network = network.eval()  # dropout off, batch-norm running statistics: what deployment must see
     with atomic_path(target) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -55,7 +57,12 @@ def max_abs_diff(network: nn.Module, onnx_path: Path, inputs: np.ndarray) -> flo
 
 
 def export_with_parity(
-    network: nn.Module, inputs: np.ndarray, target: Path, opset: int, atol: float, metadata: dict[str, str] | None = None
+    network: nn.Module,
+    inputs: np.ndarray,
+    target: Path,
+    opset: int,
+    atol: float,
+    metadata: dict[str, str] | None = None,
 ) -> float:
     """Export, then compare with PyTorch on real inputs; a graph that disagrees is not kept."""
     candidate = target.with_name(f".{target.name}.candidate")

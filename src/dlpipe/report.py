@@ -36,7 +36,9 @@ def _cell(metrics: dict[str, Any], key: str, pattern: str) -> str:
 def render_html(summary: dict[str, dict[str, Any]], reports_dir: Path) -> str:
     header = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in TABLE_COLUMNS)
     rows = "".join(
-        f"<tr><th>{html.escape(model)}</th>" + "".join(f"<td>{_cell(m, k, p)}</td>" for k, _, p in TABLE_COLUMNS) + "</tr>"
+        f"<tr><th>{html.escape(model)}</th>"
+        + "".join(f"<td>{_cell(m, k, p)}</td>" for k, _, p in TABLE_COLUMNS)
+        + "</tr>"
         for model, m in summary.items()
     )
     figures = []
@@ -46,7 +48,11 @@ def render_html(summary: dict[str, dict[str, Any]], reports_dir: Path) -> str:
     for model in summary:
         for image in sorted((reports_dir / "plots" / model).glob("*.png")):
             figures.append((f"{model}: {image.stem}", image.relative_to(reports_dir)))
-    gallery = "".join(f'<figure><img src="{html.escape(str(src))}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for t, src in figures)
+    gallery = "".join(
+        f'<figure><img src="{html.escape(str(src))}" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, src in figures
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dlpipe report</title>
 <style>
@@ -57,7 +63,8 @@ thead th {{ background: #f3f3f3; }} tbody th {{ text-align: left; }}
 figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; }}
 </style></head><body>
 <h1>dlpipe report</h1>
-<p>Metrics from <code>reports/metrics/&lt;model&gt;.json</code>; accuracy and errors through ONNX Runtime on the held-out test split.</p>
+<p>Metrics from <code>reports/metrics/&lt;model&gt;.json</code>;
+accuracy and errors through ONNX Runtime on the held-out test split.</p>
 <table><thead><tr><th>model</th>{header}</tr></thead><tbody>{rows}</tbody></table>
 <h2>Figures</h2>{gallery}
 </body></html>

@@ -18,7 +18,12 @@ from dlpipe.errors import DlpipeError
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+}
 
 
 def create_session(path: Path | str, providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None):
@@ -82,13 +87,22 @@ class InputContract:
         bounds = metadata.get("dlpipe.input_range")
         value_range = tuple(float(v) for v in bounds.split(",")) if bounds else None
         shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
-        return cls(model_input.name, model_output.name, _ORT_DTYPES.get(model_input.type, np.float32), shape, value_range, metadata)
+        return cls(
+            model_input.name,
+            model_output.name,
+            _ORT_DTYPES.get(model_input.type, np.float32),
+            shape,
+            value_range,
+            metadata,
+        )
 
     def check(self, inputs: np.ndarray) -> None:
         """Raise DlpipeError naming the first way `inputs` breaks the contract."""
         if inputs.dtype != self.dtype:
             raise DlpipeError(f"input dtype {inputs.dtype} does not match the model's {np.dtype(self.dtype)}")
-        if inputs.ndim != len(self.shape) or any(want is not None and got != want for got, want in zip(inputs.shape, self.shape)):
+        if inputs.ndim != len(self.shape) or any(
+            want is not None and got != want for got, want in zip(inputs.shape, self.shape, strict=True)
+        ):
             expected = "(" + ", ".join("*" if d is None else str(d) for d in self.shape) + ")"
             raise DlpipeError(f"input shape {tuple(inputs.shape)} does not match the model's {expected}")
         if not np.isfinite(inputs).all():
@@ -96,4 +110,5 @@ class InputContract:
         if self.value_range is not None and inputs.size:
             low, high = self.value_range
             if inputs.min() < low or inputs.max() > high:
-                raise DlpipeError(f"input values span [{inputs.min():g}, {inputs.max():g}], outside the model's range [{low:g}, {high:g}]")
+                span = f"[{inputs.min():g}, {inputs.max():g}]"
+                raise DlpipeError(f"input values span {span}, outside the model's range [{low:g}, {high:g}]")

@@ -89,7 +89,12 @@ def augment(config: Config) -> dict[str, Any]:
     params = config.params.augment
     x, y = load_split(config.paths.raw_images, "train")
     x_aug, y_aug = augment_images(x, y, params, config.params.seed)
-    meta = {"originals": int(len(y)), "total": int(len(y_aug)), "copies": params.copies, "sha256": _array_sha256(x_aug, y_aug)}
+    meta = {
+        "originals": int(len(y)),
+        "total": int(len(y_aug)),
+        "copies": params.copies,
+        "sha256": _array_sha256(x_aug, y_aug),
+    }
     with atomic_dir(config.paths.augmented) as tmp:
         _save_npz(tmp, "train", x_aug, y_aug)
         write_json(config.paths.meta(tmp), meta)
@@ -118,10 +123,21 @@ def export(config: Config, model: str) -> dict[str, Any]:
     inputs = task.reference_inputs(config, model)
     target = config.paths.onnx(model)
     settings = config.params.export
-    diff = export_with_parity(network, inputs, target, settings.opset, settings.parity_atol, task.onnx_metadata(config, model))
+    diff = export_with_parity(
+        network, inputs, target, settings.opset, settings.parity_atol, task.onnx_metadata(config, model)
+    )
     tracking.log_metrics(config, train_info["run_id"], {"onnx_max_abs_diff_export": diff})
-    version = tracking.register_onnx(config, model, train_info["run_id"], target) if config.params.mlflow.register_model else None
-    info = {"onnx_max_abs_diff": diff, "parity_inputs": int(len(inputs)), "registered_version": version, "opset": settings.opset}
+    version = (
+        tracking.register_onnx(config, model, train_info["run_id"], target)
+        if config.params.mlflow.register_model
+        else None
+    )
+    info = {
+        "onnx_max_abs_diff": diff,
+        "parity_inputs": int(len(inputs)),
+        "registered_version": version,
+        "opset": settings.opset,
+    }
     write_json(config.paths.export_info(model), info)
     return info
 
@@ -138,7 +154,9 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)
     if export_info.get("registered_version"):
-        metrics["champion"] = tracking.promote_if_better(config, model, export_info["registered_version"], metrics, task.promotion)
+        metrics["champion"] = tracking.promote_if_better(
+            config, model, export_info["registered_version"], metrics, task.promotion
+        )
     return metrics
 
 

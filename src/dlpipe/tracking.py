@@ -48,7 +48,9 @@ def artifact_location(config: Config) -> str | None:
 
 def git_sha(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -72,7 +74,11 @@ def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    numeric = [Metric(k, float(v), stamp, 0) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    numeric = [
+        Metric(k, float(v), stamp, 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     client(config).log_batch(run_id, metrics=numeric)
 
 
@@ -93,7 +99,9 @@ def register_onnx(config: Config, model: str, run_id: str, onnx_path: Path) -> s
     return str(info.registered_model_version)
 
 
-def promote_if_better(config: Config, model: str, version: str, metrics: dict[str, Any], promotion: tuple[str, bool]) -> bool:
+def promote_if_better(
+    config: Config, model: str, version: str, metrics: dict[str, Any], promotion: tuple[str, bool]
+) -> bool:
     """Point alias `champion` at `version` when its promotion metric beats the current champion's.
 
     `promotion` is the task's (metric key, higher is better).
@@ -110,7 +118,11 @@ def promote_if_better(config: Config, model: str, version: str, metrics: dict[st
         champion, champion_value = None, float("nan")
     value = float(metrics[key])
     mlflow_client.set_model_version_tag(name, version, key, str(value))
-    better = champion is None or champion_value != champion_value or (value > champion_value if higher_is_better else value < champion_value)
+    better = (
+        champion is None
+        or champion_value != champion_value
+        or (value > champion_value if higher_is_better else value < champion_value)
+    )
     if better:
         mlflow_client.set_registered_model_alias(name, CHAMPION, version)
     return better

@@ -39,7 +39,9 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
         artifact_location=tracking.artifact_location(config),
         log_model=False,  # the best checkpoint is logged below, once, under a stable name
     )
-    logger.log_hyperparams({"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()})
+    logger.log_hyperparams(
+        {"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()}
+    )
 
     target = config.paths.checkpoint(model)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,11 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
             devices=config.params.trainer.devices,
             precision=config.params.trainer.precision,
             logger=logger,
-            callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), LearningRateMonitor("epoch")],
+            callbacks=[
+                checkpoint,
+                EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
+                LearningRateMonitor("epoch"),
+            ],
             deterministic=True,
             default_root_dir=scratch,
             log_every_n_steps=1,  # metrics are logged per epoch; this only silences the small-data warning

@@ -11,6 +11,12 @@ A task turns a registered network into something trainable, exportable and measu
 The pipeline (train.py, stages.py, evaluate.py, tracking.py, the Prefect flow, the benchmarks) asks the
 task and never branches on its name. A new kind of model is one module that subclasses `Task` and
 registers it with `@register_task`.
+
+The shape also fits a generator (a GAN): its LightningModule holds the generator as `self.model` (what
+`load_exported` rebuilds and export writes) beside a discriminator, trains both with manual optimisation,
+and monitors a quality score computed in validation (e.g. `("val/fid", "min")`); `wrap` maps the
+generator's output to pixels, `reference_inputs` are latent vectors, and `evaluate` scores samples drawn
+through the ONNX session.
 """
 
 from __future__ import annotations
@@ -76,7 +82,11 @@ class Task(ABC):
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             spec = state["hyper_parameters"]["net_spec"]
             module = self.wrap(get_model(spec["name"], **spec["kwargs"]), spec["kwargs"])
-            weights = {k.removeprefix(EXPORTED_PREFIX): v for k, v in state["state_dict"].items() if k.startswith(EXPORTED_PREFIX)}
+            weights = {
+                k.removeprefix(EXPORTED_PREFIX): v
+                for k, v in state["state_dict"].items()
+                if k.startswith(EXPORTED_PREFIX)
+            }
             module.load_state_dict(weights)
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -97,7 +107,9 @@ class Task(ABC):
     # ------------------------------------------------------------------------------------------ evaluate
 
     @abstractmethod
-    def evaluate(self, config: Config, model: str, network: nn.Module, session: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def evaluate(
+        self, config: Config, model: str, network: nn.Module, session: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Metrics (`metric_keys` and more) through the onnxruntime `session`, and the outputs for `plots`."""
 
     @abstractmethod
@@ -115,8 +127,14 @@ class Task(ABC):
         """A float32 batch shaped like the exported module's input."""
 
     @abstractmethod
-    def synthetic_batch(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> Any:
-        """A training batch shaped like the DataModule's."""
+    def synthetic_batch(
+        self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, ...]:
+        """A training batch shaped like the DataModule's (a tuple of tensors)."""
+
+    def synthetic_train_params(self) -> dict[str, Any]:
+        """The task's own `train.<model>` keys (beyond the common ones) for a quick synthetic run."""
+        return {}
 
 
 _TASKS: dict[str, Task] = {}
@@ -147,4 +165,3 @@ def train_params_types() -> list[type[TrainParams]]:
 def task_of(config: Config, model: str) -> Task:
     """The task that trains `model` according to its `train.<model>` section."""
     return get_task(config.train_params(model).task)
-

@@ -52,7 +52,9 @@ class StandardizedClassifier(nn.Module):
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, model: nn.Module, net_spec: dict[str, Any], num_classes: int, optimizer: dict[str, Any], epochs: int) -> None:
+    def __init__(
+        self, model: nn.Module, net_spec: dict[str, Any], num_classes: int, optimizer: dict[str, Any], epochs: int
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -120,8 +122,14 @@ class ClassifierTask(Task):
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
         meta = self._image_meta(config)
-        datamodule = ImageDataModule(config.paths.raw_images, config.paths.augmented, train.batch_size, config.params.trainer.num_workers)
-        data_kwargs = {"in_channels": meta["channels"], "image_size": meta["height"], "num_classes": len(meta["classes"])}
+        datamodule = ImageDataModule(
+            config.paths.raw_images, config.paths.augmented, train.batch_size, config.params.trainer.num_workers
+        )
+        data_kwargs = {
+            "in_channels": meta["channels"],
+            "image_size": meta["height"],
+            "num_classes": len(meta["classes"]),
+        }
         kwargs = {**data_kwargs, **train.net}
         module = self.lightning_module(get_model(model, **kwargs), {"name": model, "kwargs": kwargs}, train)
         # Per-channel pixel statistics of the training split, baked into the exported graph as buffers.
@@ -131,7 +139,13 @@ class ClassifierTask(Task):
 
     def lightning_module(self, net: nn.Module, net_spec: dict[str, Any], train: TrainParams) -> L.LightningModule:
         kwargs = net_spec["kwargs"]
-        return ClassifierModule(self.wrap(net, kwargs), net_spec, kwargs["num_classes"], train.optimizer.model_dump(exclude_unset=True), train.epochs)
+        return ClassifierModule(
+            self.wrap(net, kwargs),
+            net_spec,
+            kwargs["num_classes"],
+            train.optimizer.model_dump(exclude_unset=True),
+            train.epochs,
+        )
 
     def wrap(self, net: nn.Module, data_kwargs: dict[str, Any]) -> nn.Module:
         return StandardizedClassifier(net, data_kwargs["in_channels"])
@@ -146,11 +160,16 @@ class ClassifierTask(Task):
         return self._test_split(config)[0][:256]
 
     def onnx_metadata(self, config: Config, model: str) -> dict[str, str]:
-        return {**super().onnx_metadata(config, model), "dlpipe.classes": json.dumps(self._image_meta(config)["classes"])}
+        return {
+            **super().onnx_metadata(config, model),
+            "dlpipe.classes": json.dumps(self._image_meta(config)["classes"]),
+        }
 
     # ------------------------------------------------------------------------------------------ evaluate
 
-    def evaluate(self, config: Config, model: str, network: nn.Module, session: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def evaluate(
+        self, config: Config, model: str, network: nn.Module, session: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         from torchmetrics.functional.classification import multiclass_confusion_matrix, multiclass_f1_score
 
         from dlpipe.export import run_torch
@@ -201,7 +220,9 @@ class ClassifierTask(Task):
         shape = (batch, data_kwargs["in_channels"], data_kwargs["image_size"], data_kwargs["image_size"])
         return rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
 
-    def synthetic_batch(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> Any:
+    def synthetic_batch(
+        self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, ...]:
         images = (self.synthetic_inputs(data_kwargs, batch, rng) * 255).astype(np.uint8)
         labels = rng.integers(0, data_kwargs["num_classes"], size=batch)
         return torch.from_numpy(images), torch.from_numpy(labels)

@@ -61,7 +61,9 @@ class ScaledForecaster(nn.Module):
 
 
 class ForecasterModule(L.LightningModule):
-    def __init__(self, model: ScaledForecaster, net_spec: dict[str, Any], window: int, optimizer: dict[str, Any], epochs: int) -> None:
+    def __init__(
+        self, model: ScaledForecaster, net_spec: dict[str, Any], window: int, optimizer: dict[str, Any], epochs: int
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -113,7 +115,9 @@ class ForecasterTask(Task):
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
-        datamodule = StockWindowDataModule(config.paths.prices, train.window, train.batch_size, config.params.trainer.num_workers)
+        datamodule = StockWindowDataModule(
+            config.paths.prices, train.window, train.batch_size, config.params.trainer.num_workers
+        )
         kwargs = {"n_features": len(FEATURES), **train.net}
         module = self.lightning_module(get_model(model, **kwargs), {"name": model, "kwargs": kwargs}, train)
         mean, std, target_mean, target_std = datamodule.feature_stats()
@@ -123,7 +127,9 @@ class ForecasterTask(Task):
 
     def lightning_module(self, net: nn.Module, net_spec: dict[str, Any], train: TrainParams) -> L.LightningModule:
         wrapped = self.wrap(net, net_spec["kwargs"])
-        return ForecasterModule(wrapped, net_spec, train.window, train.optimizer.model_dump(exclude_unset=True), train.epochs)
+        return ForecasterModule(
+            wrapped, net_spec, train.window, train.optimizer.model_dump(exclude_unset=True), train.epochs
+        )
 
     def wrap(self, net: nn.Module, data_kwargs: dict[str, Any]) -> nn.Module:
         return ScaledForecaster(net, data_kwargs["n_features"])
@@ -131,14 +137,18 @@ class ForecasterTask(Task):
     # -------------------------------------------------------------------------------------------- export
 
     def _test_windows(self, config: Config, model: str) -> Windows:
-        return split_chronological(make_windows(read_prices(config.paths.prices), config.train_params(model).window))["test"]
+        return split_chronological(make_windows(read_prices(config.paths.prices), config.train_params(model).window))[
+            "test"
+        ]
 
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         return self._test_windows(config, model).x[:256]
 
     # ------------------------------------------------------------------------------------------ evaluate
 
-    def evaluate(self, config: Config, model: str, network: nn.Module, session: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def evaluate(
+        self, config: Config, model: str, network: nn.Module, session: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         from dlpipe.export import run_torch
 
         test = self._test_windows(config, model)
@@ -161,7 +171,13 @@ class ForecasterTask(Task):
             "test_samples": int(len(actual_return)),
         }
         ticker = read_json(config.paths.meta(config.paths.raw_stocks))["ticker"]
-        outputs = {"dates": test.dates, "actual": test.next_close, "predicted": predicted_close, "persistence": test.last_close, "ticker": ticker}
+        outputs = {
+            "dates": test.dates,
+            "actual": test.next_close,
+            "predicted": predicted_close,
+            "persistence": test.last_close,
+            "ticker": ticker,
+        }
         return metrics, outputs
 
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
@@ -170,17 +186,30 @@ class ForecasterTask(Task):
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(3, 1))
         top.plot(dates, outputs["actual"], label="actual close", color="black", linewidth=1)
         top.plot(dates, outputs["predicted"], label="model (ONNX Runtime)", linewidth=1)
-        top.plot(dates, outputs["persistence"], label="persistence (yesterday's close)", linewidth=0.8, linestyle="--", alpha=0.7)
+        top.plot(
+            dates,
+            outputs["persistence"],
+            label="persistence (yesterday's close)",
+            linewidth=0.8,
+            linestyle="--",
+            alpha=0.7,
+        )
         top.set_ylabel("price")
         top.legend(fontsize=8)
         top.set_title(f"{model}: next-day close of {outputs['ticker']}, test period")
         bottom.plot(dates, outputs["predicted"] - outputs["actual"], label="model error", linewidth=0.8)
-        bottom.plot(dates, outputs["persistence"] - outputs["actual"], label="persistence error", linewidth=0.8, alpha=0.7)
+        bottom.plot(
+            dates, outputs["persistence"] - outputs["actual"], label="persistence error", linewidth=0.8, alpha=0.7
+        )
         bottom.axhline(0, color="black", linewidth=0.5)
         bottom.set_ylabel("error")
         bottom.legend(fontsize=8)
         plots.save_figure(figure, directory / "forecast.png")
-        columns = {"actual": outputs["actual"], "predicted": outputs["predicted"], "persistence": outputs["persistence"]}
+        columns = {
+            "actual": outputs["actual"],
+            "predicted": outputs["predicted"],
+            "persistence": outputs["persistence"],
+        }
         plots.save_csv(pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), **columns}), directory / "forecast.csv")
 
     # ------------------------------------------------------------------- synthetic data (tests, benchmarks)
@@ -189,9 +218,15 @@ class ForecasterTask(Task):
         return {"n_features": len(FEATURES)}
 
     def synthetic_inputs(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> np.ndarray:
-        window = 20  # about one month of trading days, as the default params
+        window = self.synthetic_train_params()["window"]
         return rng.standard_normal(size=(batch, window, data_kwargs["n_features"])).astype(np.float32)
 
-    def synthetic_batch(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> Any:
+    def synthetic_batch(
+        self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, ...]:
         windows = self.synthetic_inputs(data_kwargs, batch, rng)
-        return torch.from_numpy(windows), torch.from_numpy(rng.normal(0.0, 0.02, size=(batch, 1)).astype(np.float32))
+        returns = rng.normal(0.0, 0.02, size=(batch, 1)).astype(np.float32)  # daily log returns are ~1-2%
+        return torch.from_numpy(windows), torch.from_numpy(returns)
+
+    def synthetic_train_params(self) -> dict[str, Any]:
+        return {"window": 20}  # about one month of trading days, as the default params

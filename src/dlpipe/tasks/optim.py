@@ -21,7 +21,9 @@ def make_optimizer(params: OptimizerParams, parameters: Iterable[torch.nn.Parame
     return torch.optim.RMSprop(parameters, momentum=params.momentum, **common)
 
 
-def make_schedule(params: OptimizerParams, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(
+    params: OptimizerParams, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: optional linear warm-up, then cosine decay to zero, step decay, or constant."""
     decay_epochs = max(1, epochs - params.warmup_epochs)
     if params.schedule == "cosine":
@@ -34,11 +36,15 @@ def make_schedule(params: OptimizerParams, optimizer: torch.optim.Optimizer, epo
     if params.warmup_epochs == 0:
         return decay
     # Warm-up from lr / (warmup + 1): large learning rates (SGD with momentum, big batches) start stable.
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (params.warmup_epochs + 1), total_iters=params.warmup_epochs)
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (params.warmup_epochs + 1), total_iters=params.warmup_epochs
+    )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[params.warmup_epochs])
 
 
-def configure_optimizers(params: OptimizerParams, parameters: Iterable[torch.nn.Parameter], epochs: int) -> dict[str, Any]:
+def configure_optimizers(
+    params: OptimizerParams, parameters: Iterable[torch.nn.Parameter], epochs: int
+) -> dict[str, Any]:
     """What a LightningModule's `configure_optimizers` returns."""
     optimizer = make_optimizer(params, parameters)
     return {"optimizer": optimizer, "lr_scheduler": make_schedule(params, optimizer, epochs)}
