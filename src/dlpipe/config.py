@@ -176,7 +176,9 @@ def params_schema() -> type[Params]:
     """`Params` with `train.<model>` as the union of every registered task's params type."""
     from dlpipe.tasks import train_params_types  # the tasks import torch; plain readers of Paths do not
 
-    section = Annotated[Union[tuple(train_params_types())], Field(discriminator="task")]  # noqa: UP007
+    types = tuple(train_params_types())
+    # pydantic accepts a discriminator only on a real union; with one task its type is the schema.
+    section = types[0] if len(types) == 1 else Annotated[Union[types], Field(discriminator="task")]  # noqa: UP007
     return create_model("Params", __base__=Params, train=(dict[str, section], ...))
 
 
