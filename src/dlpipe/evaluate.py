@@ -12,7 +12,6 @@ from torch import nn
 
 from dlpipe.config import Config
 from dlpipe.errors import DlpipeError
-from dlpipe.io import read_json
 from dlpipe.runtime import InputContract, create_session, latency_ms
 from dlpipe.tasks import task_of
 
@@ -38,10 +37,10 @@ def latency_table(config: Config, network: nn.Module, onnx_session, sample: np.n
     }
 
 
-def evaluate_model(config: Config, model: str) -> dict[str, Any]:
-    """Metrics of the exported `model` on its test split: the task's, the latency table, training facts."""
+def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of the exported `model` on its test split: the task's, the latency table, and the training
+    facts from `train_info` (the train stage's train.json)."""
     task = task_of(config, model)
-    train_info = read_json(config.paths.train_info(model))
     onnx_path = config.paths.onnx(model)
     if not onnx_path.is_file():
         raise DlpipeError(f"{onnx_path}: file not found (run export first)")

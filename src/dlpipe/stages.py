@@ -150,7 +150,7 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     task = task_of(config, model)
     train_info = read_json(config.paths.train_info(model))
     export_info = read_json(config.paths.export_info(model))
-    metrics = evaluate_model(config, model)
+    metrics = evaluate_model(config, model, train_info)
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)
     if export_info.get("registered_version"):

@@ -112,7 +112,7 @@ class ClassifierTask(Task):
     # ------------------------------------------------------------------------------------------ training
 
     def data_fingerprint(self, config: Config) -> str:
-        raw = read_json(config.paths.meta(config.paths.raw_images))["sha256"]
+        raw = self._image_meta(config)["sha256"]
         augmented = read_json(config.paths.meta(config.paths.augmented))["sha256"]
         return hashlib.sha256(f"{raw}:{augmented}".encode()).hexdigest()
 
