@@ -79,5 +79,5 @@ def test_fetch_stocks_runs_from_the_cli(tmp_path):
     root = _bad_project(tmp_path, lambda p: None)
     result = dlpipe("fetch_stocks", cwd=root)
     assert result.returncode == 0, result.stderr
-    assert (root / "data" / "raw" / "stocks" / "prices.csv").is_file()
-    assert "GOOG" in (root / "data" / "raw" / "stocks" / "meta.json").read_text()
+    assert (root / "data" / "stocks" / "raw" / "prices.csv").is_file()
+    assert "GOOG" in (root / "data" / "stocks" / "raw" / "meta.json").read_text()

@@ -35,7 +35,7 @@ def test_two_process_ddp_gives_one_run_and_one_checkpoint(tmp_path):
     import mlflow
 
     params = tiny_params()
-    params["models"] = ["cnn"]
+    params["models"] = {"cnn": "images"}
     params["trainer"].update(accelerator="cpu", devices=2)
     root = write_project(tmp_path / "project", params).parent
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MASTER_PORT": str(free_port())}

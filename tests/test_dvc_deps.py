@@ -31,16 +31,16 @@ ENTRY_MODULES = (f"{PACKAGE}.__main__", f"{PACKAGE}.cli")
 # Not derivable by ast (they are computed paths), so pinned here: dropping one from dvc.yaml fails the test.
 DATA_READS = {
     "fetch_stocks": ["data/samples/stocks"],
-    "augment": ["data/raw/images"],
-    "train": ["data/raw/images", "data/raw/stocks", "data/augmented"],
-    "export": ["models/${item}/best.ckpt", "models/${item}/train.json", "data/raw/images", "data/raw/stocks"],
+    "augment": ["data/images/raw"],
+    # ${key} is the model, ${item} the dataset params `models` gives it (see test_dataset_dirs_hold_...).
+    "train": ["data/${item}"],
+    "export": ["models/${key}/best.ckpt", "models/${key}/train.json", "data/${item}"],
     "evaluate": [
-        "models/${item}/best.ckpt",
-        "models/${item}/train.json",
-        "models/${item}/model.onnx",
-        "models/${item}/export.json",
-        "data/raw/images",
-        "data/raw/stocks",
+        "models/${key}/best.ckpt",
+        "models/${key}/train.json",
+        "models/${key}/model.onnx",
+        "models/${key}/export.json",
+        "data/${item}",
     ],
     "report": ["reports/metrics", "reports/plots", "reports/figures/augment_preview.png"],
 }
@@ -252,3 +252,18 @@ def test_src_deps_exist():
 def test_deps_list_the_files_a_stage_reads(stage):
     deps = stage_deps(load_dvc_yaml()["stages"][stage])
     assert not [path for path in DATA_READS[stage] if not covered(path, deps)], deps
+
+
+def test_dataset_dirs_hold_what_each_task_reads(tmp_path):
+    # `data/${item}` is enough only if every file a task's stages read lies under its dataset's directory.
+    from dlpipe.config import DATASETS, Paths
+    from dlpipe.tasks import get_task, list_tasks
+
+    paths = Paths(tmp_path)
+    reads = {"images": [paths.raw_images, paths.augmented], "stocks": [paths.raw_stocks, paths.prices]}
+    assert set(reads) == set(DATASETS)
+    for dataset, files in reads.items():
+        assert all(path.is_relative_to(paths.dataset(dataset)) for path in files)
+        others = [paths.dataset(other) for other in DATASETS if other != dataset]
+        assert not any(path.is_relative_to(other) for path in files for other in others)
+    assert {get_task(name).dataset for name in list_tasks()} <= set(DATASETS)

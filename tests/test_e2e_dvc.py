@@ -4,60 +4,19 @@ params, metrics and MLflow runs checked, and a second `dvc repro` that has nothi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from conftest import REPO_ROOT, tiny_params
+from conftest import tiny_params
+from projects import git_dvc_project, run
 
 pytestmark = pytest.mark.slow
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("e2e") / "dlpipe"
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:
-        source = REPO_ROOT / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    env = {
-        **os.environ,
-        # The copy's own code runs, not the installed checkout's; its venv's dvc is on PATH.
-        "PYTHONPATH": str(root / "src"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@localhost",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@localhost",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    run(["git", "init", "-q"], root, env)
-    if not (root / ".dvc").is_dir():
-        run(["dvc", "init", "-q"], root, env)
-    run(["dvc", "config", "core.analytics", "false"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "snapshot"], root, env)
+    root, env = git_dvc_project(tmp_path_factory.mktemp("e2e") / "dlpipe", tiny_params())
     first = run(["dvc", "repro"], root, env)
     assert "Running stage 'report'" in first.stdout
     return root, env
@@ -103,3 +62,44 @@ def test_dag_lists_every_stage(repo):
     dag = run(["dvc", "dag", "--md"], root, env).stdout
     for stage in ("fetch_images", "fetch_stocks", "augment", "train@cnn", "export@lstm", "evaluate@cnn", "report"):
         assert stage in dag
+
+
+def test_checkout_restores_every_output(repo):
+    root, env = repo
+    written = ["models/cnn/train.json", "models/lstm/export.json", "reports/metrics/cnn.json", "reports/index.html"]
+    before = {name: (root / name).read_bytes() for name in written}
+    for name in written:
+        (root / name).unlink()
+    run(["dvc", "checkout"], root, env)
+    assert {name: (root / name).read_bytes() for name in written} == before
+    assert "up to date" in run(["dvc", "status"], root, env).stdout
+
+
+def test_experiment_compares_with_baseline_and_image_change_spares_forecaster(repo):
+    root, env = repo
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline results"], root, env)
+    try:
+        exp = run(["dvc", "exp", "run", "-S", "augment.copies=0"], root, env).stdout
+        ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage '")}
+        assert {"augment", "train@cnn", "export@cnn", "evaluate@cnn", "report"} <= ran
+        assert not {stage for stage in ran if stage.endswith("@lstm") or stage.startswith("fetch_")}, ran
+
+        rows = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+        baseline = next(row for row in rows if row["rev"] != "workspace")
+        experiments = [rev for group in baseline["experiments"] or [] for rev in group["revs"]]
+        assert len(experiments) == 1
+        for row in (baseline, experiments[0]):
+            metrics = row["data"]["metrics"]
+            assert 0 < metrics["reports/metrics/cnn.json"]["data"]["test_accuracy"] <= 1
+            assert metrics["reports/metrics/lstm.json"]["data"]["rmse"] > 0
+        assert experiments[0]["data"]["params"]["params.yaml"]["data"]["augment"]["copies"] == 0
+
+        diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], root, env).stdout)
+        assert "test_accuracy" in diff["reports/metrics/cnn.json"]
+        plots = run(["dvc", "plots", "diff", "HEAD", "--json"], root, env)
+        assert "reports/plots/cnn/predictions.csv" in plots.stdout
+    finally:
+        run(["git", "checkout", "--", "params.yaml", "dvc.lock"], root, env)
+        run(["dvc", "checkout", "--force"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env).stdout

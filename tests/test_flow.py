@@ -98,7 +98,7 @@ def test_flow_rejects_unknown_model_before_writing(project, prefect_api):
     state = dlpipe_pipeline(params_file=str(project), models=["resnet"], return_state=True)
     assert state.is_failed()
     assert "resnet" in str(state.message) or "resnet" in repr(state.result(raise_on_failure=False))
-    assert not (project.parent / "data" / "raw").exists()
+    assert not (project.parent / "data" / "images").exists()
 
 
 def test_fetch_tasks_retry_and_training_does_not():

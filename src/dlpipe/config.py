@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from dlpipe.errors import DlpipeError
 
 IMAGE_SOURCES = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10")
+# The datasets the data stages write (data/<name>/); `models` maps each model to the one it trains on.
+DATASETS = ("images", "stocks")
 PARAMS_ENV = "DLPIPE_PARAMS"  # environment variable naming the params file (default ./params.yaml)
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
@@ -152,7 +154,8 @@ class MlflowParams(_Strict):
 
 class Params(_Strict):
     seed: int
-    models: list[str] = Field(min_length=1)
+    # model -> the dataset it trains on; dvc.yaml makes each model's stages depend on data/<dataset> only.
+    models: dict[str, Literal[DATASETS]] = Field(min_length=1)
     data: DataParams
     augment: AugmentParams
     trainer: TrainerParams = TrainerParams()
@@ -188,17 +191,22 @@ class Paths:
 
     root: Path
 
-    @property
-    def raw_images(self) -> Path:
-        return self.root / "data" / "raw" / "images"
+    def dataset(self, name: str) -> Path:
+        """Everything the data stages write for one dataset (`models.<model>` names it): a model's stages
+        depend on this one directory, so a change to another dataset leaves them up to date."""
+        return self.root / "data" / name
 
     @property
-    def raw_stocks(self) -> Path:
-        return self.root / "data" / "raw" / "stocks"
+    def raw_images(self) -> Path:
+        return self.dataset("images") / "raw"
 
     @property
     def augmented(self) -> Path:
-        return self.root / "data" / "augmented"
+        return self.dataset("images") / "augmented"
+
+    @property
+    def raw_stocks(self) -> Path:
+        return self.dataset("stocks") / "raw"
 
     @staticmethod
     def meta(directory: Path) -> Path:
@@ -287,11 +295,11 @@ class Config:
     def selected_models(self, requested: list[str] | None = None) -> list[str]:
         """`requested` (default: all of `models`), each checked to be one of the configured models."""
         if not requested:
-            return list(self.params.models)
+            return list(self.params.models)  # the mapping's keys, in params order
         for model in requested:
             self.train_params(model)
             if model not in self.params.models:
-                raise DlpipeError(f"model {model!r} is not in models: {self.params.models} of {self.params_file}")
+                raise DlpipeError(f"model {model!r} is not in models: {list(self.params.models)} of {self.params_file}")
         return list(requested)
 
 
@@ -336,7 +344,7 @@ def load_config(params_file: Path | str | None = None) -> Config:
         params = params_schema().model_validate(raw)
     except ValidationError as exc:
         raise DlpipeError(_one_line(exc, path, raw)) from exc
-    params = _with_checked_nets(params, path)
+    params = _with_checked_models(params, path)
     return Config(params=params, paths=Paths(path.parent), params_file=path, raw=raw)
 
 
@@ -356,8 +364,9 @@ def _check_model_tasks(raw: dict[str, Any], params_file: Path) -> None:
             raise DlpipeError(f"{params_file}: train.{name}.task: model {name!r} is a {spec.task}, not a {task}")
 
 
-def _with_checked_nets(params: Params, params_file: Path) -> Params:
-    """Each model's `net:` values, checked against its builder's type hints (and coerced to them)."""
+def _with_checked_models(params: Params, params_file: Path) -> Params:
+    """Each model's `net:` values, checked against its builder's type hints (and coerced to them), and the
+    dataset `models` gives it, checked against its task's."""
     from dlpipe.models import get_spec
     from dlpipe.tasks import get_task
 
@@ -366,4 +375,9 @@ def _with_checked_nets(params: Params, params_file: Path) -> Params:
         spec = get_spec(name)
         net = spec.validate_net(train.net, get_task(train.task).data_kwargs, where=f"{params_file}: train.{name}.net")
         checked[name] = train.model_copy(update={"net": net})
+        dataset = get_task(train.task).dataset
+        if name in params.models and params.models[name] != dataset:
+            raise DlpipeError(
+                f"{params_file}: models.{name}: a {train.task} trains on {dataset}, not {params.models[name]}"
+            )
     return params.model_copy(update={"train": checked})

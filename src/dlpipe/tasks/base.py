@@ -47,6 +47,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     params_type: ClassVar[type[TrainParams]]
+    dataset: ClassVar[str]  # the data it trains on: one of config.DATASETS, the directory data/<dataset>
     data_kwargs: ClassVar[tuple[str, ...]]  # builder arguments the data supplies (input shape, classes)
     monitor: ClassVar[tuple[str, Literal["min", "max"]]]  # what ModelCheckpoint and EarlyStopping watch
     promotion: ClassVar[tuple[str, bool]]  # metric that decides the `champion` alias; True: higher is better

@@ -103,6 +103,7 @@ class ClassifierModule(L.LightningModule):
 class ClassifierTask(Task):
     name = "classifier"
     params_type = ClassifierParams
+    dataset = "images"
     data_kwargs = ("in_channels", "image_size", "num_classes")
     monitor = ("val/acc", "max")
     promotion = ("onnx_accuracy", True)

@@ -103,6 +103,7 @@ class ForecasterModule(L.LightningModule):
 class ForecasterTask(Task):
     name = "forecaster"
     params_type = ForecasterParams
+    dataset = "stocks"
     data_kwargs = ("n_features",)
     monitor = ("val/loss", "min")
     promotion = ("rmse_ratio_vs_persistence", False)
