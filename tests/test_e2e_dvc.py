@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import tiny_params
 from projects import git_dvc_project, run
+
+from conftest import tiny_params
 
 pytestmark = pytest.mark.slow
 

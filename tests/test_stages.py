@@ -128,6 +128,70 @@ def test_export_registers_version_with_champion_alias(pipeline_run, model):
     assert str(version.version) == "1" and version.run_id == results[f"train@{model}"]["run_id"]
 
 
+def test_contract_is_in_onnx_metadata_and_registered_model(pipeline_run):
+    import mlflow
+    import onnx
+
+    from dlpipe.data.stocks import FEATURE_FORMULAS
+
+    config, _ = pipeline_run
+    images_meta = json.loads(config.paths.meta(config.paths.raw_images).read_text())
+    metadata = {
+        model: {p.key: p.value for p in onnx.load(config.paths.onnx(model)).metadata_props} for model in ("cnn", "lstm")
+    }
+    cnn, lstm = metadata["cnn"], metadata["lstm"]
+    assert json.loads(cnn["dlpipe.classes"]) == images_meta["classes"]
+    assert "divided by 255" in cnn["dlpipe.input"] and "[batch, 1, 28, 28]" in cnn["dlpipe.input"]
+    assert "logits" in cnn["dlpipe.output"] and cnn["dlpipe.input_range"] == "0,1"
+    features = json.loads(lstm["dlpipe.features"])
+    assert [f["name"] for f in features] == list(FEATURE_FORMULAS)
+    assert [f["formula"] for f in features] == list(FEATURE_FORMULAS.values())
+    assert lstm["dlpipe.window"] == str(config.train_params("lstm").window)
+    assert "log return" in lstm["dlpipe.output"] and "exp(output)" in lstm["dlpipe.output"]
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(config))
+    for model, shape in (("cnn", (-1, 1, 28, 28)), ("lstm", (-1, config.train_params("lstm").window, 4))):
+        info = mlflow.models.get_model_info(f"models:/dlpipe-{model}@champion")
+        signature = info.signature.to_dict()
+        assert json.loads(signature["inputs"])[0]["tensor-spec"] == {"dtype": "float32", "shape": list(shape)}
+        assert json.loads(signature["outputs"])[0]["tensor-spec"]["dtype"] == "float32"
+        assert info.metadata == metadata[model]  # the same contract, word for word
+        assert info.saved_input_example_info is not None
+
+
+def _readme_deployment_examples() -> list[str]:
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Deploying the ONNX file", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_deployment_examples_run_on_the_exported_models(pipeline_run, monkeypatch, capsys):
+    """The README's onnxruntime examples, run as written in the project: same outputs as the pipeline's."""
+    from dlpipe.data.stocks import make_features, read_prices
+    from dlpipe.runtime import create_session, run_batched
+
+    config, _ = pipeline_run
+    classifier, forecaster = _readme_deployment_examples()
+    monkeypatch.chdir(config.paths.root)
+
+    namespace: dict = {}
+    exec(compile(classifier, "README classifier example", "exec"), namespace)
+    x = np.load(config.paths.raw_images / "test.npz")["x"][:8]
+    expected = run_batched(create_session(config.paths.onnx("cnn"), ("cpu",)), x.astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(namespace["logits"], expected)
+    printed = capsys.readouterr().out
+    assert printed.strip() == str([namespace["classes"][i] for i in expected.argmax(1)])
+
+    namespace = {}
+    exec(compile(forecaster, "README forecaster example", "exec"), namespace)
+    # The README's feature formulas are the pipeline's, and its window is what the model was trained on.
+    np.testing.assert_allclose(namespace["features"], make_features(read_prices(config.paths.prices)), rtol=1e-6)
+    assert namespace["window"] == config.train_params("lstm").window
+    assert "next close: " in capsys.readouterr().out
+
+
 def test_onnx_model_runs_in_onnxruntime_with_dynamic_batch(pipeline_run):
     import onnxruntime as ort
 

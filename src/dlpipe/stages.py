@@ -15,6 +15,7 @@ from dlpipe.config import Config
 from dlpipe.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger("dlpipe")
+EXAMPLE_ROWS = 2  # real inputs stored as the registered model's input example
 
 
 def _array_sha256(*arrays: np.ndarray) -> str:
@@ -123,12 +124,11 @@ def export(config: Config, model: str) -> dict[str, Any]:
     inputs = task.reference_inputs(config, model)
     target = config.paths.onnx(model)
     settings = config.params.export
-    diff = export_with_parity(
-        network, inputs, target, settings.opset, settings.parity_atol, task.onnx_metadata(config, model)
-    )
+    metadata = task.onnx_metadata(config, model)
+    diff = export_with_parity(network, inputs, target, settings.opset, settings.parity_atol, metadata)
     tracking.log_metrics(config, train_info["run_id"], {"onnx_max_abs_diff_export": diff})
     version = (
-        tracking.register_onnx(config, model, train_info["run_id"], target)
+        tracking.register_onnx(config, model, train_info["run_id"], target, inputs[:EXAMPLE_ROWS], metadata)
         if config.params.mlflow.register_model
         else None
     )
@@ -155,7 +155,12 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     tracking.log_metrics(config, train_info["run_id"], metrics)
     if export_info.get("registered_version"):
         metrics["champion"] = tracking.promote_if_better(
-            config, model, export_info["registered_version"], metrics, task.promotion
+            config,
+            model,
+            export_info["registered_version"],
+            metrics,
+            task.promotion,
+            task.evaluation_data(config, model),
         )
     return metrics
 

@@ -3,16 +3,24 @@ alias `champion` on the best evaluated version)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlpipe.config import Config
 
+if TYPE_CHECKING:
+    import numpy as np
+
 CHAMPION = "champion"
+DATA_KEY_TAG = "data_key"  # version tag: data_key() of what it was evaluated on
+DATA_TAG = "evaluation_data"  # version tag: that evaluation data as JSON (source, test hash, input shape)
+log = logging.getLogger("dlpipe")
 
 
 def tracking_uri(config: Config) -> str:
@@ -38,12 +46,65 @@ def client(config: Config):
 
     # Alembic logs every sqlite migration at INFO on first use; that is noise in a stage's output.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    reroot_local_store(config)
     return MlflowClient(tracking_uri=tracking_uri(config), registry_uri=tracking_uri(config))
 
 
 def artifact_location(config: Config) -> str | None:
     """Artifacts beside the sqlite file (absolute); a remote server decides its own location."""
     return config.paths.mlflow_artifacts.as_uri() if tracking_uri(config).startswith("sqlite:") else None
+
+
+# Columns of MLflow's schema that hold a local artifact path (as a path or a file: URI).
+_ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def reroot_local_store(config: Config) -> Path | None:
+    """Keep a copied or moved project's artifacts to itself. Returns the old location if it moved them.
+
+    MLflow stores the experiment's artifact location, and every run's and model's, as absolute paths, fixed
+    when they are created: without this, every run of a copied project would log into the original
+    checkout's `mlartifacts/` (and a moved one into a folder that no longer exists). The copy's
+    `mlartifacts/` holds the same files, so the stored paths are re-rooted at this project, old runs
+    included. Only the default store (`mlflow.db` at the root) is touched; a server owns its own paths.
+    Stored paths stay absolute, so `mlflow ui` and registry loads work from any directory.
+    """
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import urlparse
+
+    if tracking_uri(config) != f"sqlite:///{config.paths.mlflow_db}" or not config.paths.mlflow_db.is_file():
+        return None
+    expected = config.paths.mlflow_artifacts
+    with closing(sqlite3.connect(config.paths.mlflow_db, timeout=60)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return None
+        row = db.execute(
+            "SELECT artifact_location FROM experiments WHERE name = ?", (config.params.mlflow.experiment,)
+        ).fetchone()
+        stored = Path(urlparse(row[0]).path if row and row[0].startswith("file:") else (row or [""])[0])
+        if not row or stored == expected or stored.name != expected.name:
+            return None
+        with db:  # one transaction: all paths move, or none
+            for table, column in _ARTIFACT_COLUMNS:
+                if table not in tables or column not in {c[1] for c in db.execute(f"PRAGMA table_info({table})")}:
+                    continue  # another MLflow schema version
+                for old, new in ((stored.as_uri(), expected.as_uri()), (str(stored), str(expected))):
+                    # Exact prefix match (LIKE would treat `_` and `%` in a path as wildcards).
+                    db.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?"
+                        f" AND (length({column}) = ? OR substr({column}, ?, 1) = '/')",
+                        (new, len(old) + 1, len(old), old, len(old), len(old) + 1),
+                    )
+    log.info("mlflow.db: artifact paths moved from %s to %s (the project was copied or moved)", stored, expected)
+    return stored
 
 
 def git_sha(root: Path) -> str:
@@ -82,11 +143,22 @@ def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
     client(config).log_batch(run_id, metrics=numeric)
 
 
-def register_onnx(config: Config, model: str, run_id: str, onnx_path: Path) -> str:
-    """Log the ONNX file as an MLflow model in the run and register it as a new version."""
+def register_onnx(
+    config: Config, model: str, run_id: str, onnx_path: Path, example: np.ndarray, metadata: dict[str, str]
+) -> str:
+    """Log the ONNX file as an MLflow model in the run and register it as a new version.
+
+    The model carries a signature (input and output dtype and shape, batch dynamic), `example` as its input
+    example, and `metadata` (the task's contract: scaling, classes or features, what the output means).
+    """
     import mlflow
     import onnx
+    from mlflow.models import infer_signature
 
+    from dlpipe.runtime import create_session, run_batched
+
+    outputs = run_batched(create_session(onnx_path, ("cpu",)), example)
+    reroot_local_store(config)
     mlflow.set_tracking_uri(tracking_uri(config))
     mlflow.set_registry_uri(tracking_uri(config))
     with mlflow.start_run(run_id=run_id):
@@ -94,35 +166,74 @@ def register_onnx(config: Config, model: str, run_id: str, onnx_path: Path) -> s
             onnx.load(onnx_path),
             name="onnx",
             registered_model_name=registered_name(model),
+            signature=infer_signature(example, outputs),
+            input_example=example,
+            metadata=metadata,
             pip_requirements=["onnxruntime"],  # skips slow requirement inference
         )
     return str(info.registered_model_version)
 
 
-def promote_if_better(
-    config: Config, model: str, version: str, metrics: dict[str, Any], promotion: tuple[str, bool]
-) -> bool:
-    """Point alias `champion` at `version` when its promotion metric beats the current champion's.
+def data_key(evaluation_data: dict[str, Any]) -> str:
+    """A short stable id of what a version was evaluated on (the task's `evaluation_data`)."""
+    return hashlib.sha256(json.dumps(evaluation_data, sort_keys=True).encode()).hexdigest()[:12]
 
-    `promotion` is the task's (metric key, higher is better).
-    """
+
+def best_alias(key: str) -> str:
+    """Alias of the best version evaluated on the data with this key."""
+    return f"best-{key}"
+
+
+def _version_at(mlflow_client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
-    key, higher_is_better = promotion
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _beats(value: float, holder, metric: str, higher_is_better: bool) -> bool:
+    """`value` is better than the `metric` tag of the version `holder` (or there is no comparable holder)."""
+    other = float(holder.tags.get(metric, "nan")) if holder is not None else float("nan")
+    return other != other or (value > other if higher_is_better else value < other)
+
+
+def promote_if_better(
+    config: Config,
+    model: str,
+    version: str,
+    metrics: dict[str, Any],
+    promotion: tuple[str, bool],
+    evaluation_data: dict[str, Any],
+) -> bool:
+    """Tag `version` with its promotion metric and evaluation data, and point aliases at it where it wins.
+
+    Numbers measured on different test sets do not compare: `version` takes the alias `best-<data key>` when
+    it beats the best version on the same data, and `champion` only when the champion was evaluated on the
+    same data too (or there is none yet). A model trained on other data (say 8x8 digits instead of MNIST)
+    is registered beside the champion, never over it. `promotion` is the task's (metric, higher is better).
+    """
+    metric, higher_is_better = promotion
     mlflow_client = client(config)
     name = registered_name(model)
-    try:
-        champion = mlflow_client.get_model_version_by_alias(name, CHAMPION)
-        champion_value = float(champion.tags.get(key, "nan"))
-    except MlflowException:
-        champion, champion_value = None, float("nan")
-    value = float(metrics[key])
-    mlflow_client.set_model_version_tag(name, version, key, str(value))
-    better = (
-        champion is None
-        or champion_value != champion_value
-        or (value > champion_value if higher_is_better else value < champion_value)
-    )
-    if better:
+    key = data_key(evaluation_data)
+    value = float(metrics[metric])
+    for tag, tag_value in ((metric, str(value)), (DATA_KEY_TAG, key), (DATA_TAG, json.dumps(evaluation_data))):
+        mlflow_client.set_model_version_tag(name, version, tag, tag_value)
+    if _beats(value, _version_at(mlflow_client, name, best_alias(key)), metric, higher_is_better):
+        mlflow_client.set_registered_model_alias(name, best_alias(key), version)
+    champion = _version_at(mlflow_client, name, CHAMPION)
+    if champion is not None and champion.tags.get(DATA_KEY_TAG) != key:
+        log.info(
+            "%s v%s: evaluated on other data (%s) than champion v%s; champion kept",
+            name,
+            version,
+            key,
+            champion.version,
+        )
+        return False
+    if champion is None or _beats(value, champion, metric, higher_is_better):
         mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-    return better
+        return True
+    return False

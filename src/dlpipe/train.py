@@ -31,6 +31,7 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
     monitor, mode = task.monitor
     data_sha256 = task.data_fingerprint(config)
 
+    tracking.reroot_local_store(config)
     logger = MLFlowLogger(
         experiment_name=config.params.mlflow.experiment,
         run_name=model,

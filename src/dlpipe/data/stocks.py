@@ -17,7 +17,15 @@ from dlpipe.config import StocksParams
 from dlpipe.errors import DlpipeError
 
 PRICE_COLUMNS = ("Open", "High", "Low", "Close", "Volume")
-FEATURES = ("close_logret", "log_range", "log_body", "volume_logchange")
+# The per-day features, in input order, with the formula `make_features` computes (day t, the day before t-1).
+# Written into every exported forecaster's metadata: a caller must feed exactly these, not raw prices.
+FEATURE_FORMULAS = {
+    "close_logret": "log(close[t] / close[t-1])",  # today's close-to-close log return
+    "log_range": "log(high[t] / low[t])",  # intraday range: a volatility proxy
+    "log_body": "log(close[t] / open[t])",  # candle body: direction within the day
+    "volume_logchange": "log(1 + volume[t]) - log(1 + volume[t-1])",  # volume surprise
+}
+FEATURES = tuple(FEATURE_FORMULAS)
 MIN_ROWS = 60
 # Chronological split of the windows: the model never trains on days after those it is evaluated on.
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
@@ -84,10 +92,10 @@ def make_features(prices: pd.DataFrame) -> np.ndarray:
     volume = prices["Volume"].to_numpy(np.float64)
     features = np.stack(
         [
-            np.diff(np.log(close)),  # today's close-to-close log return
-            np.log(high / low)[1:],  # intraday range: a volatility proxy
-            np.log(close / open_)[1:],  # candle body: direction within the day
-            np.diff(np.log1p(volume)),  # volume surprise
+            np.diff(np.log(close)),  # FEATURE_FORMULAS, in that order
+            np.log(high / low)[1:],
+            np.log(close / open_)[1:],
+            np.diff(np.log1p(volume)),
         ],
         axis=1,
     )

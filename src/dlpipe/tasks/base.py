@@ -98,12 +98,24 @@ class Task(ABC):
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         """Real inputs (float32, at most a few hundred) for the export parity check and latency."""
 
+    @abstractmethod
+    def contract(self, config: Config, model: str) -> dict[str, str]:
+        """What the exported model takes and returns: `input` and `output` in words (shape, dtype, scaling,
+        meaning) plus the values a caller needs (class names, feature formulas). The one source of the ONNX
+        metadata, the MLflow model's metadata and the README's deployment examples."""
+
     def onnx_metadata(self, config: Config, model: str) -> dict[str, str]:
-        """Key-value metadata stored in the ONNX file, read back by `dlpipe.runtime.InputContract`."""
-        metadata = {"dlpipe.model": model, "dlpipe.task": self.name}
+        """Key-value metadata stored in the ONNX file (`dlpipe.<key>` for each contract entry), read back
+        by `dlpipe.runtime.InputContract`."""
+        metadata = {"model": model, "task": self.name, **self.contract(config, model)}
         if self.input_range is not None:
-            metadata["dlpipe.input_range"] = f"{self.input_range[0]:g},{self.input_range[1]:g}"
-        return metadata
+            metadata["input_range"] = f"{self.input_range[0]:g},{self.input_range[1]:g}"
+        return {f"dlpipe.{key}": value for key, value in metadata.items()}
+
+    @abstractmethod
+    def evaluation_data(self, config: Config, model: str) -> dict[str, Any]:
+        """What the test metrics were measured on (source, test-set hash, input shape): versions are
+        compared for the `champion` alias only when this is equal."""
 
     # ------------------------------------------------------------------------------------------ evaluate
 

@@ -160,10 +160,26 @@ class ClassifierTask(Task):
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         return self._test_split(config)[0][:256]
 
-    def onnx_metadata(self, config: Config, model: str) -> dict[str, str]:
+    def contract(self, config: Config, model: str) -> dict[str, str]:
+        meta = self._image_meta(config)
+        colour = "grayscale" if meta["channels"] == 1 else "RGB"
         return {
-            **super().onnx_metadata(config, model),
-            "dlpipe.classes": json.dumps(self._image_meta(config)["classes"]),
+            "input": (
+                f"float32 [batch, {meta['channels']}, {meta['height']}, {meta['width']}] {colour} pixels divided "
+                "by 255 (values 0..1, not standardised: the graph standardises)"
+            ),
+            "output": (
+                "float32 [batch, classes] logits: argmax is the index into dlpipe.classes, softmax the probabilities"
+            ),
+            "classes": json.dumps(meta["classes"]),
+        }
+
+    def evaluation_data(self, config: Config, model: str) -> dict[str, Any]:
+        meta = self._image_meta(config)
+        return {
+            "source": meta["source"],
+            "test_sha256": meta["split_sha256"]["test"],
+            "input_shape": [meta["channels"], meta["height"], meta["width"]],
         }
 
     # ------------------------------------------------------------------------------------------ evaluate

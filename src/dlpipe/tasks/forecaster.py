@@ -7,6 +7,7 @@ part of it. Judged against persistence (tomorrow's close = today's) on the same 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,7 @@ from torch import nn
 from dlpipe import plots
 from dlpipe.config import Config, OptimizerParams, TrainParams
 from dlpipe.data.datamodules import StockWindowDataModule
-from dlpipe.data.stocks import FEATURES, Windows, make_windows, read_prices, split_chronological
+from dlpipe.data.stocks import FEATURE_FORMULAS, FEATURES, Windows, make_windows, read_prices, split_chronological
 from dlpipe.io import read_json
 from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
@@ -144,6 +145,30 @@ class ForecasterTask(Task):
 
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         return self._test_windows(config, model).x[:256]
+
+    def contract(self, config: Config, model: str) -> dict[str, str]:
+        window = config.train_params(model).window
+        return {
+            "input": (
+                f"float32 [batch, {window}, {len(FEATURES)}]: the last {window} trading days, oldest first, one row "
+                "per day with the features of dlpipe.features in that order (not raw prices)"
+            ),
+            "output": (
+                "float32 [batch, 1] predicted log return of the next close, log(close[t+1] / close[t]); "
+                "predicted close = close[t] * exp(output)"
+            ),
+            "features": json.dumps([{"name": name, "formula": f} for name, f in FEATURE_FORMULAS.items()]),
+            "window": str(window),
+        }
+
+    def evaluation_data(self, config: Config, model: str) -> dict[str, Any]:
+        meta = read_json(config.paths.meta(config.paths.raw_stocks))
+        # The test windows are the last days of the price file: its hash and the window fix them.
+        return {
+            "source": meta["origin"],
+            "test_sha256": meta["sha256"],
+            "input_shape": [config.train_params(model).window, len(FEATURES)],
+        }
 
     # ------------------------------------------------------------------------------------------ evaluate
 
