@@ -8,8 +8,8 @@
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Run once:         docker run --rm --gpus all dlpipe-train:cuda      (python -m pipelines.flows)
 #
-# The image has no git checkout, so it runs the Prefect flow rather than `dvc repro`; both call the
-# same stage functions.
+# The image has no git checkout: it is a DVC project without git (`dvc init --no-scm`), and its default
+# command is the Prefect flow, which runs the DVC stages (`dvc repro` in the image does the same).
 
 ARG BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE}
@@ -63,15 +63,17 @@ COPY data/samples/ data/samples/
 # Non-root user; it owns /app because every stage writes data/, models/, reports/ and mlflow.db there.
 RUN set -eux; \
     useradd --create-home --uid "${APP_UID}" --user-group --shell /usr/sbin/nologin dlpipe; \
-    mkdir -p data/raw data/augmented data/cache models reports; \
+    mkdir -p data/images data/stocks data/cache models reports; \
     chown -R dlpipe:dlpipe /app
 
 USER dlpipe
 
+# The flow runs the DVC stages: the image is a DVC project of its own (no git inside the image).
+RUN dvc init --no-scm -q && dvc config core.analytics false
+
 ENV NO_ALBUMENTATIONS_UPDATE=1 \
     GIT_PYTHON_REFRESH=quiet \
     CUBLAS_WORKSPACE_CONFIG=:4096:8 \
-    DLPIPE_ROOT=/app \
     DLPIPE_PARAMS=/app/params.yaml \
     MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI}
 

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from projects import git_dvc_project, run
 
 from conftest import tiny_params
+from projects import git_dvc_project, run
 
 pytestmark = pytest.mark.slow
 

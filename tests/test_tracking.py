@@ -28,7 +28,9 @@ def _new_version(config, model: str = "cnn") -> str:
     name = tracking.registered_name(model)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
-    return client.create_model_version(name, source="models:/placeholder").version
+    source = config.paths.root / "exported"  # stands for a logged model's files; only the tags matter here
+    source.mkdir(exist_ok=True)
+    return client.create_model_version(name, source=source.as_uri()).version
 
 
 def _champion(config, model: str = "cnn") -> str:
@@ -112,7 +114,8 @@ def test_copied_project_logs_artifacts_into_its_own_store(tmp_path):
     assert _files(original.paths.mlflow_artifacts) == original_files  # nothing landed in the original
     client = _registry(copy)
     version = client.get_model_version(tracking.registered_name("cnn"), export_info["registered_version"])
-    assert version.storage_location.startswith(copy.paths.mlflow_artifacts.as_uri() + "/")
+    logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged_model.artifact_location.startswith(copy.paths.mlflow_artifacts.as_uri() + "/")
     assert any(name.endswith("model.onnx") for name in _files(copy.paths.mlflow_artifacts))
     # The copy's earlier run (its checkpoint) now resolves to the copy's own files too.
     run = client.get_run(read_json(copy.paths.train_info("cnn"))["run_id"])

@@ -104,10 +104,12 @@ def augment(config: Config) -> dict[str, Any]:
 
 
 def train(config: Config, model: str) -> dict[str, Any] | None:
+    from dlpipe import tracking
     from dlpipe.train import fit
 
     config.train_params(model)  # unknown model: fail before touching anything
-    info = fit(config, model)
+    with tracking.keep_tracking_env():
+        info = fit(config, model)
     if info is not None:  # None on the other ranks of a DDP run: rank 0 alone writes
         write_json(config.paths.train_info(model), info)
     return info

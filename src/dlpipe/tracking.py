@@ -9,6 +9,8 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 CHAMPION = "champion"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DATA_KEY_TAG = "data_key"  # version tag: data_key() of what it was evaluated on
 DATA_TAG = "evaluation_data"  # version tag: that evaluation data as JSON (source, test hash, input shape)
 log = logging.getLogger("dlpipe")
@@ -29,12 +32,27 @@ def tracking_uri(config: Config) -> str:
     The absolute path matters: DVC and Prefect may run stages from other working directories, and
     MLflow's own default (`sqlite:///mlflow.db`) is relative to whatever that directory is.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.params.mlflow.tracking_uri
+    uri = os.environ.get(TRACKING_URI_ENV) or config.params.mlflow.tracking_uri
     if not uri:
         return f"sqlite:///{config.paths.mlflow_db}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(config.paths.root / uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+@contextmanager
+def keep_tracking_env() -> Iterator[None]:
+    """Undo the process-wide MLFLOW_TRACKING_URI that `mlflow.set_tracking_uri` exports (Lightning's
+    MLFlowLogger calls it too): otherwise a second project run in the same process (a notebook, a test)
+    would log into the first one's store."""
+    before = os.environ.get(TRACKING_URI_ENV)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = before
 
 
 def registered_name(model: str) -> str:
@@ -159,18 +177,19 @@ def register_onnx(
 
     outputs = run_batched(create_session(onnx_path, ("cpu",)), example)
     reroot_local_store(config)
-    mlflow.set_tracking_uri(tracking_uri(config))
-    mlflow.set_registry_uri(tracking_uri(config))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(
-            onnx.load(onnx_path),
-            name="onnx",
-            registered_model_name=registered_name(model),
-            signature=infer_signature(example, outputs),
-            input_example=example,
-            metadata=metadata,
-            pip_requirements=["onnxruntime"],  # skips slow requirement inference
-        )
+    with keep_tracking_env():
+        mlflow.set_tracking_uri(tracking_uri(config))
+        mlflow.set_registry_uri(tracking_uri(config))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                onnx.load(onnx_path),
+                name="onnx",
+                registered_model_name=registered_name(model),
+                signature=infer_signature(example, outputs),
+                input_example=example,
+                metadata=metadata,
+                pip_requirements=["onnxruntime"],  # skips slow requirement inference
+            )
     return str(info.registered_model_version)
 
 
