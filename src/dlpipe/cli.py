@@ -12,7 +12,7 @@ import warnings
 
 from dlpipe import stages
 from dlpipe.config import PARAMS_ENV
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, Interrupted
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,4 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     except DlpipeError as exc:
         print(f"dlpipe: error: {exc}", file=sys.stderr)
         code = 2
+    except Interrupted as exc:
+        print(f"dlpipe: {exc}; nothing was written", file=sys.stderr)
+        code = 128 + exc.signum
     sys.exit(code)

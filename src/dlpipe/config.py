@@ -5,6 +5,7 @@ Nothing here has side effects at import; `load_params` reads and validates, `Pat
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import json
@@ -31,8 +32,9 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class _Strict(BaseModel):
-    # Unknown keys are typos: reject them so a misspelt hyperparameter never silently falls back.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos: reject them so a misspelt hyperparameter never silently falls back. Strict
+    # types: `seed: true` or `epochs: "5"` is a mistake, not a 1 or a 5 (an int is still a valid float).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ImagesParams(_Strict):
@@ -54,8 +56,27 @@ class ImagesParams(_Strict):
 class StocksParams(_Strict):
     source: Literal["sample", "yfinance"]
     ticker: str = Field(min_length=1)
-    start: str | None = None
-    end: str | None = None
+    start: dt.date | None = None
+    end: dt.date | None = None
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _iso_date(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2010-01-31 as a date already; a quoted one is a string.
+        if isinstance(value, str):
+            try:
+                return dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError("not a date (expected YYYY-MM-DD)") from None
+        if isinstance(value, dt.datetime):
+            raise ValueError("a date without a time (YYYY-MM-DD)")
+        return value
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> StocksParams:
+        if self.start and self.end and self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end})")
+        return self
 
 
 class DataParams(_Strict):
@@ -88,7 +109,7 @@ class OptimizerParams(_Strict):
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     nesterov: bool = False
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: Annotated[list[Beta], Field(min_length=2, max_length=2)] = [0.9, 0.999]
     schedule: Literal["cosine", "step", "none"] = "cosine"
     step_size: PositiveInt = 10
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
@@ -129,9 +150,10 @@ class TrainParams(_Strict):
 
 
 class TrainerParams(_Strict):
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    precision: str = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: PositiveInt | Literal["auto"] = "auto"
+    # Lightning's precision names; `bf16-mixed` needs an Ampere or newer GPU, the `*-true` ones run anywhere.
+    precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     num_workers: Annotated[int, Field(ge=0)] = 0
 
 
@@ -303,6 +325,30 @@ class Config:
         return list(requested)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where it is."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no object construction) that refuses a key given twice in one mapping: PyYAML keeps
+    the last silently, so `epochs: 5 ... epochs: 50` would train for 50 without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool | dt.date | None):
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def default_params_file() -> Path:
     return Path(os.environ.get(PARAMS_ENV, "params.yaml")).resolve()
 
@@ -334,9 +380,13 @@ def load_config(params_file: Path | str | None = None) -> Config:
     if not path.is_file():
         raise DlpipeError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise DlpipeError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise DlpipeError(f"{path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
-        raise DlpipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise DlpipeError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise DlpipeError(f"{path}: expected a mapping at the top level")
     _check_model_tasks(raw, path)

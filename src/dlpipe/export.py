@@ -3,6 +3,7 @@ metadata, checked by onnx.checker, and gated on numerical parity with PyTorch th
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def export_onnx(
             verbose=False,
         )
         program.save(str(tmp), external_data=False)
+        proto = onnx.load(str(tmp))
+        written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if written != opset:  # the exporter falls back to its default for opsets it cannot target
+            raise DlpipeError(f"export.opset: {opset} is not supported by this exporter (it wrote opset {written})")
         if metadata:
-            proto = onnx.load(str(tmp))
             onnx.helper.set_model_props(proto, metadata)
             onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
@@ -65,7 +69,8 @@ def export_with_parity(
     metadata: dict[str, str] | None = None,
 ) -> float:
     """Export, then compare with PyTorch on real inputs; a graph that disagrees is not kept."""
-    candidate = target.with_name(f".{target.name}.candidate")
+    # Unique per process: the same export started twice must not share (and delete) one candidate file.
+    candidate = target.with_name(f".{target.name}.{os.getpid()}.candidate")
     try:
         export_onnx(network, torch.from_numpy(inputs[:2]), candidate, opset, metadata)
         diff = max_abs_diff(network, candidate, inputs)

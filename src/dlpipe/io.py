@@ -48,8 +48,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        # A unique name for the previous output: two writers of one target (the same stage started twice)
+        # must not trip over each other's leftovers; the last to rename wins, whole.
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)

@@ -13,9 +13,9 @@ from dlpipe.config import OptimizerParams
 def make_optimizer(params: OptimizerParams, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     common = {"lr": params.lr, "weight_decay": params.weight_decay}
     if params.name == "adamw":
-        return torch.optim.AdamW(parameters, betas=params.betas, **common)
+        return torch.optim.AdamW(parameters, betas=tuple(params.betas), **common)
     if params.name == "adam":
-        return torch.optim.Adam(parameters, betas=params.betas, **common)
+        return torch.optim.Adam(parameters, betas=tuple(params.betas), **common)
     if params.name == "sgd":
         return torch.optim.SGD(parameters, momentum=params.momentum, nesterov=params.nesterov, **common)
     return torch.optim.RMSprop(parameters, momentum=params.momentum, **common)
