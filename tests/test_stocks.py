@@ -218,7 +218,7 @@ def test_non_numeric_value(column):
     frame.loc[20, column] = "n/a"
     with pytest.raises(DlpipeError) as info:
         validate_prices(frame, "prices.csv", params("TEST"))
-    assert_one_line_error(info, "prices.csv", "non-numeric or missing", column)
+    assert_one_line_error(info, "prices.csv", "missing, non-numeric or infinite", column)
 
 
 def test_missing_price_value():
@@ -226,7 +226,7 @@ def test_missing_price_value():
     frame.loc[20, "High"] = np.nan
     with pytest.raises(DlpipeError) as info:
         validate_prices(frame, "prices.csv", params("TEST"))
-    assert_one_line_error(info, "non-numeric or missing High")
+    assert_one_line_error(info, "missing, non-numeric or infinite High")
 
 
 # ---------------------------------------------------------------- yfinance (stubbed)
@@ -346,7 +346,7 @@ def test_download_yfinance_bad_rows_caught_by_validation(yf_calls):
     frame.iloc[10, frame.columns.get_loc(("Close", "MSFT"))] = np.nan  # a partially filled day
     yf_calls["response"] = frame
     p = params("MSFT", source="yfinance")
-    with pytest.raises(DlpipeError, match="non-numeric or missing Close"):
+    with pytest.raises(DlpipeError, match="missing, non-numeric or infinite Close"):
         validate_prices(download_yfinance(p), "yfinance MSFT", p)
 
 

@@ -64,14 +64,22 @@ def write_json(target: Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, required: tuple[str, ...] = ()) -> Any:
+    """The JSON document at `path`; with `required`, an object that has those keys (a record a stage
+    wrote and a later one trusts: a damaged one is refused here, not met as a KeyError later)."""
     path = Path(path)
     if not path.is_file():
         raise DlpipeError(f"{path}: file not found (run the stage that produces it first)")
     try:
-        return json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DlpipeError(f"{path}: not valid JSON ({exc})") from exc
+    if required:
+        if not isinstance(document, dict):
+            raise DlpipeError(f"{path}: expected a JSON object (rerun the stage that writes it)")
+        if missing := [key for key in required if key not in document]:
+            raise DlpipeError(f"{path}: missing {missing[0]!r} (rerun the stage that writes it)")
+    return document
 
 
 def sha256_file(path: Path) -> str:

@@ -12,25 +12,18 @@ from typing import Any
 import numpy as np
 
 from dlpipe.config import Config
+from dlpipe.errors import DlpipeError
 from dlpipe.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger("dlpipe")
+# What later stages read from train.json and export.json.
+TRAIN_INFO_KEYS = ("run_id", "trainable_params", "train_seconds", "epochs_trained")
+EXPORT_INFO_KEYS = ("registered_version", "onnx_sha256")
 EXAMPLE_ROWS = 2  # real inputs stored as the registered model's input example
 
 
-def _array_sha256(*arrays: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def _save_npz(directory, name: str, x: np.ndarray, y: np.ndarray) -> None:
-    np.savez(directory / f"{name}.npz", x=x, y=y)
-
-
 def fetch_images(config: Config) -> dict[str, Any]:
-    from dlpipe.data.images import SPLITS, load_images, split_stratified
+    from dlpipe.data.images import SPLITS, arrays_sha256, load_images, save_split, split_stratified
 
     params = config.params.data.images
     images = load_images(params, config.paths.download_cache, config.paths.root)
@@ -45,13 +38,13 @@ def fetch_images(config: Config) -> dict[str, Any]:
         "width": int(width),
         "counts": {name: int(len(splits[name][1])) for name in SPLITS},
         "class_counts": {name: np.bincount(splits[name][1], minlength=len(images.classes)).tolist() for name in SPLITS},
-        "split_sha256": {name: _array_sha256(*splits[name]) for name in SPLITS},
+        "split_sha256": {name: arrays_sha256(*splits[name]) for name in SPLITS},
         "seed": config.params.seed,
     }
     meta["sha256"] = hashlib.sha256("".join(meta["split_sha256"][n] for n in SPLITS).encode()).hexdigest()
     with atomic_dir(config.paths.raw_images) as tmp:
         for name in SPLITS:
-            _save_npz(tmp, name, *splits[name])
+            save_split(tmp, name, *splits[name])
         write_json(config.paths.meta(tmp), meta)
     log.info("fetch_images: %s -> %s", params.source, meta["counts"])
     return meta
@@ -85,19 +78,20 @@ def fetch_stocks(config: Config) -> dict[str, Any]:
 
 def augment(config: Config) -> dict[str, Any]:
     from dlpipe.augment import augment_images, save_preview
-    from dlpipe.data.images import load_split
+    from dlpipe.data.images import load_split, save_split
 
     params = config.params.augment
     x, y = load_split(config.paths.raw_images, "train")
     x_aug, y_aug = augment_images(x, y, params, config.params.seed)
-    meta = {
-        "originals": int(len(y)),
-        "total": int(len(y_aug)),
-        "copies": params.copies,
-        "sha256": _array_sha256(x_aug, y_aug),
-    }
     with atomic_dir(config.paths.augmented) as tmp:
-        _save_npz(tmp, "train", x_aug, y_aug)
+        digest = save_split(tmp, "train", x_aug, y_aug)
+        meta = {
+            "originals": int(len(y)),
+            "total": int(len(y_aug)),
+            "copies": params.copies,
+            "sha256": digest,
+            "split_sha256": {"train": digest},
+        }
         write_json(config.paths.meta(tmp), meta)
     save_preview(x, y, params, config.params.seed, config.paths.augment_preview)
     return meta
@@ -121,7 +115,7 @@ def export(config: Config, model: str) -> dict[str, Any]:
     from dlpipe.tasks import task_of
 
     task = task_of(config, model)
-    train_info = read_json(config.paths.train_info(model))
+    train_info = read_json(config.paths.train_info(model), required=TRAIN_INFO_KEYS)
     network = task.load_exported(config.paths.checkpoint(model))
     inputs = task.reference_inputs(config, model)
     target = config.paths.onnx(model)
@@ -135,6 +129,7 @@ def export(config: Config, model: str) -> dict[str, Any]:
         else None
     )
     info = {
+        "onnx_sha256": sha256_file(target),  # evaluate refuses a file changed after export
         "onnx_max_abs_diff": diff,
         "parity_inputs": int(len(inputs)),
         "registered_version": version,
@@ -150,8 +145,14 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     from dlpipe.tasks import task_of
 
     task = task_of(config, model)
-    train_info = read_json(config.paths.train_info(model))
-    export_info = read_json(config.paths.export_info(model))
+    train_info = read_json(config.paths.train_info(model), required=TRAIN_INFO_KEYS)
+    export_info = read_json(config.paths.export_info(model), required=EXPORT_INFO_KEYS)
+    onnx_path = config.paths.onnx(model)
+    if not onnx_path.is_file():
+        raise DlpipeError(f"{onnx_path}: file not found (run export first)")
+    if sha256_file(onnx_path) != export_info["onnx_sha256"]:
+        # Its metrics would be tagged on the registered version, which holds the file export wrote.
+        raise DlpipeError(f"{onnx_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
     metrics = evaluate_model(config, model, train_info)
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)

@@ -93,7 +93,7 @@ class StopOnNonFiniteLoss(Callback):
 
 
 def _check_finite_weights(checkpoint_path: str, model: str) -> None:
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]  # written just now
     bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
         raise NonFiniteLoss(f"train.{model}: the best checkpoint has non-finite weights ({bad[0]}); not kept")

@@ -7,6 +7,8 @@ image files; online sources are downloaded once with pooch, checked against know
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from dlpipe.config import ImagesParams
 from dlpipe.data.formats import read_cifar10_archive, read_idx
 from dlpipe.errors import DlpipeError
+from dlpipe.io import read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -208,9 +211,38 @@ def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' bytes, in order: the integrity record of a split."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def save_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray) -> str:
+    """Write one split (uint8 images, int64 labels) as `<split>.npz`; returns its sha256 for meta.json."""
+    np.savez(Path(directory) / f"{split}.npz", x=x, y=y)
+    return arrays_sha256(x, y)
+
+
 def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split as written by `save_split`, checked against the sha256 in the directory's meta.json.
+
+    No pickle is ever loaded (an object array is refused), and a truncated, edited or swapped file is
+    refused with its name rather than trained on.
+    """
     path = Path(directory) / f"{split}.npz"
     if not path.is_file():
         raise DlpipeError(f"{path}: file not found (run the stage that produces it first)")
-    with np.load(path) as archive:
-        return archive["x"], archive["y"]
+    expected = read_json(Path(directory) / "meta.json", required=("split_sha256",))["split_sha256"].get(split)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DlpipeError(f"{path}: not a readable split ({first})") from exc
+    if x.dtype != np.uint8 or x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or y.dtype.kind not in "iu":
+        raise DlpipeError(f"{path}: expected uint8 images (N, C, H, W) and N integer labels")
+    if arrays_sha256(x, y) != expected:
+        raise DlpipeError(f"{path}: contents differ from the sha256 in meta.json (rerun the stage that writes it)")
+    return x, y

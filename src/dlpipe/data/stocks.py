@@ -15,6 +15,7 @@ import pandas as pd
 
 from dlpipe.config import StocksParams
 from dlpipe.errors import DlpipeError
+from dlpipe.io import read_json, sha256_file
 
 PRICE_COLUMNS = ("Open", "High", "Low", "Close", "Volume")
 # The per-day features, in input order, with the formula `make_features` computes (day t, the day before t-1).
@@ -36,16 +37,20 @@ def read_sample(samples_dir: Path, params: StocksParams) -> pd.DataFrame:
     if not path.is_file():
         available = sorted(p.stem for p in (samples_dir / "stocks").glob("*.csv"))
         raise DlpipeError(f"data.stocks.ticker: no committed sample for {params.ticker!r} (available: {', '.join(available)})")
-    frame = pd.read_csv(path)
+    frame = _read_csv(path)
     frame = frame.rename(columns={frame.columns[0]: "Date"})
     return frame
+
+
+def _iso(day) -> str | None:
+    return day.isoformat() if day else None
 
 
 def download_yfinance(params: StocksParams) -> pd.DataFrame:
     import yfinance as yf
 
     try:
-        frame = yf.download(params.ticker, start=params.start, end=params.end, interval="1d", auto_adjust=True, progress=False, threads=False)
+        frame = yf.download(params.ticker, start=_iso(params.start), end=_iso(params.end), interval="1d", auto_adjust=True, progress=False, threads=False)
     except Exception as exc:  # noqa: BLE001 - transport errors become one clear line
         raise DlpipeError(f"yfinance download of {params.ticker!r} failed: {type(exc).__name__}: {exc}") from exc
     if frame is None or frame.empty:
@@ -71,19 +76,33 @@ def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> p
         frame = frame[frame["Date"] < pd.Timestamp(params.end)]
     if frame["Date"].duplicated().any():
         raise DlpipeError(f"{origin}: duplicate date {frame.loc[frame['Date'].duplicated(), 'Date'].iloc[0].date()}")
-    values = frame[list(PRICE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
-    if values.isna().any().any():
-        column = values.columns[values.isna().any()].tolist()[0]
-        raise DlpipeError(f"{origin}: non-numeric or missing {column} value")
-    prices = values[["Open", "High", "Low", "Close"]]
-    if (prices <= 0).any().any():
-        raise DlpipeError(f"{origin}: non-positive price on {frame.loc[(prices <= 0).any(axis=1), 'Date'].iloc[0].date()}")
-    if (values["Volume"] < 0).any():
-        raise DlpipeError(f"{origin}: negative volume")
-    frame[list(PRICE_COLUMNS)] = values
+    frame[list(PRICE_COLUMNS)] = check_price_values(frame, origin)
     if len(frame) < MIN_ROWS:
         raise DlpipeError(f"data.stocks: only {len(frame)} rows for {params.ticker!r} between start and end; need at least {MIN_ROWS}")
     return frame.reset_index(drop=True)
+
+
+def check_price_values(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """The OHLCV columns as numbers, or DlpipeError naming the first row a model must not train on: a
+    missing, non-numeric, infinite or non-positive price, High below Low, a negative volume."""
+    values = frame[list(PRICE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+
+    def first_date(bad: pd.Series) -> str:
+        date = frame.loc[bad.to_numpy(), "Date"].iloc[0]
+        return str(date.date()) if hasattr(date, "date") else str(date)
+
+    for column in PRICE_COLUMNS:
+        bad = ~np.isfinite(values[column].to_numpy(np.float64))
+        if bad.any():
+            raise DlpipeError(f"{origin}: missing, non-numeric or infinite {column} on {first_date(pd.Series(bad))}")
+    prices = values[["Open", "High", "Low", "Close"]]
+    if (non_positive := (prices <= 0).any(axis=1)).any():
+        raise DlpipeError(f"{origin}: non-positive price on {first_date(non_positive)}")
+    if (inverted := values["High"] < values["Low"]).any():
+        raise DlpipeError(f"{origin}: High below Low on {first_date(inverted)}")
+    if (negative := values["Volume"] < 0).any():
+        raise DlpipeError(f"{origin}: negative volume on {first_date(negative)}")
+    return values
 
 
 def make_features(prices: pd.DataFrame) -> np.ndarray:
@@ -140,7 +159,28 @@ def split_chronological(windows: Windows) -> dict[str, Windows]:
     }
 
 
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DlpipeError(f"{path}: not a readable price CSV ({first})") from exc
+
+
 def read_prices(path: Path) -> pd.DataFrame:
+    """The prices fetch_stocks wrote, checked against the sha256 in its meta.json and re-validated, so an
+    edited or damaged file is refused by name instead of training a NaN model."""
     if not path.is_file():
         raise DlpipeError(f"{path}: file not found (run fetch_stocks first)")
-    return pd.read_csv(path, parse_dates=["Date"])
+    expected = read_json(path.parent / "meta.json", required=("sha256",))["sha256"]
+    if sha256_file(path) != expected:
+        raise DlpipeError(f"{path}: changed since fetch_stocks wrote it (sha256 differs from meta.json); rerun it")
+    frame = _read_csv(path)
+    missing = [c for c in ("Date", *PRICE_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise DlpipeError(f"{path}: missing column(s) {', '.join(missing)}")
+    frame["Date"] = pd.to_datetime(frame["Date"], errors="coerce")
+    if frame["Date"].isna().any():
+        raise DlpipeError(f"{path}: unparseable date in row {int(frame['Date'].isna().to_numpy().argmax())}")
+    frame[list(PRICE_COLUMNS)] = check_price_values(frame, str(path))
+    return frame

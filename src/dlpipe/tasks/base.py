@@ -21,6 +21,7 @@ through the ONNX session.
 
 from __future__ import annotations
 
+import pickle
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -89,7 +90,7 @@ class Task(ABC):
                 if k.startswith(EXPORTED_PREFIX)
             }
             module.load_state_dict(weights)
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DlpipeError(f"{checkpoint}: not a loadable {self.name} checkpoint ({first})") from exc
         return module.eval()

@@ -99,6 +99,10 @@ class ClassifierModule(L.LightningModule):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
 
 
+# What the classifier reads from fetch_images' meta.json.
+IMAGE_META_KEYS = ("source", "classes", "channels", "height", "width", "sha256", "split_sha256")
+
+
 @register_task
 class ClassifierTask(Task):
     name = "classifier"
@@ -114,11 +118,11 @@ class ClassifierTask(Task):
 
     def data_fingerprint(self, config: Config) -> str:
         raw = self._image_meta(config)["sha256"]
-        augmented = read_json(config.paths.meta(config.paths.augmented))["sha256"]
+        augmented = read_json(config.paths.meta(config.paths.augmented), required=("sha256",))["sha256"]
         return hashlib.sha256(f"{raw}:{augmented}".encode()).hexdigest()
 
     def _image_meta(self, config: Config) -> dict[str, Any]:
-        return read_json(config.paths.meta(config.paths.raw_images))
+        return read_json(config.paths.meta(config.paths.raw_images), required=IMAGE_META_KEYS)
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)

@@ -100,6 +100,10 @@ class ForecasterModule(L.LightningModule):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
 
 
+# What the forecaster reads from fetch_stocks' meta.json.
+STOCK_META_KEYS = ("sha256", "ticker", "origin")
+
+
 @register_task
 class ForecasterTask(Task):
     name = "forecaster"
@@ -113,7 +117,7 @@ class ForecasterTask(Task):
     # ------------------------------------------------------------------------------------------ training
 
     def data_fingerprint(self, config: Config) -> str:
-        return read_json(config.paths.meta(config.paths.raw_stocks))["sha256"]
+        return read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)["sha256"]
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
@@ -162,7 +166,7 @@ class ForecasterTask(Task):
         }
 
     def evaluation_data(self, config: Config, model: str) -> dict[str, Any]:
-        meta = read_json(config.paths.meta(config.paths.raw_stocks))
+        meta = read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)
         # The test windows are the last days of the price file: its hash and the window fix them.
         return {
             "source": meta["origin"],
@@ -196,7 +200,7 @@ class ForecasterTask(Task):
             "onnx_max_abs_diff": float(np.abs(torch_return - onnx_return).max()),
             "test_samples": int(len(actual_return)),
         }
-        ticker = read_json(config.paths.meta(config.paths.raw_stocks))["ticker"]
+        ticker = read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)["ticker"]
         outputs = {
             "dates": test.dates,
             "actual": test.next_close,
