@@ -81,3 +81,15 @@ def test_fetch_stocks_runs_from_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (root / "data" / "stocks" / "raw" / "prices.csv").is_file()
     assert "GOOG" in (root / "data" / "stocks" / "raw" / "meta.json").read_text()
+
+
+def test_stages_that_do_not_train_never_import_lightning(project):
+    # Lightning and torchmetrics cost seconds per process; a DVC pipeline starts one process per stage.
+    code = (
+        "import sys; from dlpipe.cli import run; "
+        f"run(['--params', {str(project)!r}, 'fetch_stocks']); "
+        "print(sorted(m for m in ('lightning', 'torchmetrics', 'sklearn') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

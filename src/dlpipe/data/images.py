@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from dlpipe.config import ImagesParams
 from dlpipe.data.formats import read_cifar10_archive, read_idx
@@ -195,6 +194,8 @@ def load_images(params: ImagesParams, cache: Path, root: Path) -> ImageSet:
 
 def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Shuffle, optionally subsample to `limit`, and split into train/val/test with class balance kept."""
+    from sklearn.model_selection import train_test_split  # scipy: ~1 s to import, only this stage needs it
+
     x, y = images.x, images.y
     stratify_ok = np.bincount(y).min() >= 3
     # Integer sizes: fractions of fractions (0.2 / 0.3 of 90) round up unpredictably in float.

@@ -9,25 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from dlpipe import plots
-from dlpipe.config import Config, OptimizerParams, TrainParams
-from dlpipe.data.datamodules import ImageDataModule
+from dlpipe.config import Config, TrainParams
 from dlpipe.data.images import load_split
 from dlpipe.io import read_json
 from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
 from dlpipe.runtime import run_batched
 from dlpipe.tasks.base import Task, register_task
-from dlpipe.tasks.optim import configure_optimizers
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 class ClassifierParams(TrainParams):
@@ -49,54 +48,6 @@ class StandardizedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.standardize(x))  # (B, C, H, W) -> (B, num_classes)
-
-
-class ClassifierModule(L.LightningModule):
-    def __init__(
-        self, model: nn.Module, net_spec: dict[str, Any], num_classes: int, optimizer: dict[str, Any], epochs: int
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.loss = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
-        kwargs = net_spec["kwargs"]
-        self.example_input_array = torch.zeros(1, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, labels = batch
-        logits = self.model(to_unit_float(images))
-        return self.loss(logits, labels), logits.argmax(dim=1), labels
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, preds, labels = self.model_step(batch)
-        self.train_acc(preds, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        loss, preds, labels = self.model_step(batch)
-        self.val_acc(preds, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        loss, preds, labels = self.model_step(batch)
-        self.test_acc(preds, labels)
-        self.test_f1(preds, labels)
-        self.log("test/loss", loss, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_epoch=True)
-        self.log("test/macro_f1", self.test_f1, on_epoch=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
 
 
 # What the classifier reads from fetch_images' meta.json.
@@ -127,6 +78,8 @@ class ClassifierTask(Task):
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
         meta = self._image_meta(config)
+        from dlpipe.data.datamodules import ImageDataModule
+
         datamodule = ImageDataModule(
             config.paths.raw_images, config.paths.augmented, train.batch_size, config.params.trainer.num_workers
         )
@@ -144,6 +97,8 @@ class ClassifierTask(Task):
 
     def lightning_module(self, net: nn.Module, net_spec: dict[str, Any], train: TrainParams) -> L.LightningModule:
         kwargs = net_spec["kwargs"]
+        from dlpipe.tasks.classifier_training import ClassifierModule
+
         return ClassifierModule(
             self.wrap(net, kwargs),
             net_spec,

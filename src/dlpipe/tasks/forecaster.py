@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -19,15 +18,16 @@ from pydantic import Field
 from torch import nn
 
 from dlpipe import plots
-from dlpipe.config import Config, OptimizerParams, TrainParams
-from dlpipe.data.datamodules import StockWindowDataModule
+from dlpipe.config import Config, TrainParams
 from dlpipe.data.stocks import FEATURE_FORMULAS, FEATURES, Windows, make_windows, read_prices, split_chronological
 from dlpipe.io import read_json
 from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
 from dlpipe.runtime import run_batched
 from dlpipe.tasks.base import Task, register_task
-from dlpipe.tasks.optim import configure_optimizers
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 class ForecasterParams(TrainParams):
@@ -61,45 +61,6 @@ class ScaledForecaster(nn.Module):
         return self.forward_standardized(x) * self.target_std + self.target_mean  # (B, 1) log return
 
 
-class ForecasterModule(L.LightningModule):
-    def __init__(
-        self, model: ScaledForecaster, net_spec: dict[str, Any], window: int, optimizer: dict[str, Any], epochs: int
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.example_input_array = torch.zeros(1, window, net_spec["kwargs"]["n_features"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        windows, target = batch
-        standardized = self.model.forward_standardized(windows)  # (B, 1)
-        scaled_target = (target - self.model.target_mean) / self.model.target_std
-        loss = nn.functional.mse_loss(standardized, scaled_target)
-        rmse = torch.sqrt(loss) * self.model.target_std.squeeze()  # natural log-return units
-        return loss, rmse
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.model_step(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        loss, rmse = self.model_step(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
-        self.log("val/rmse_logret", rmse, on_epoch=True)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        loss, rmse = self.model_step(batch)
-        self.log("test/loss", loss, on_epoch=True)
-        self.log("test/rmse_logret", rmse, on_epoch=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
-
-
 # What the forecaster reads from fetch_stocks' meta.json.
 STOCK_META_KEYS = ("sha256", "ticker", "origin")
 
@@ -121,6 +82,8 @@ class ForecasterTask(Task):
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
+        from dlpipe.data.datamodules import StockWindowDataModule
+
         datamodule = StockWindowDataModule(
             config.paths.prices, train.window, train.batch_size, config.params.trainer.num_workers
         )
@@ -133,6 +96,8 @@ class ForecasterTask(Task):
 
     def lightning_module(self, net: nn.Module, net_spec: dict[str, Any], train: TrainParams) -> L.LightningModule:
         wrapped = self.wrap(net, net_spec["kwargs"])
+        from dlpipe.tasks.forecaster_training import ForecasterModule
+
         return ForecasterModule(
             wrapped, net_spec, train.window, train.optimizer.model_dump(exclude_unset=True), train.epochs
         )
