@@ -1,5 +1,6 @@
 """Damaged files between stages: each is refused with one line naming the file, before the stage writes
-anything, never a traceback or a silently wrong result; a crafted checkpoint never runs its payload."""
+anything, never a traceback or a silently wrong result; a crafted checkpoint never runs its payload. And
+a write that fails (a full disk) leaves the previous output whole and no temporary file behind."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from conftest import tiny_params, write_project
-from dlpipe import stages
+from dlpipe import stages, tracking
 from dlpipe.config import load_config
 from dlpipe.errors import DlpipeError
 
@@ -208,3 +210,43 @@ def test_cli_exits_2_with_one_line_for_a_corrupt_file(built, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [lines[-1]] and "model.onnx: changed since export" in lines[-1], result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    ("stage", "model", "patch", "directory"),
+    [
+        ("fetch_images", None, ("dlpipe.data.images.np.savez", _disk_full), "data/images"),
+        ("augment", None, ("dlpipe.data.images.np.savez", _disk_full), "data/images"),
+        ("export", "cnn", ("onnx.save", _disk_full), "models/cnn"),
+        ("evaluate", "lstm", ("dlpipe.io.json.dumps", _disk_full), "reports/metrics"),
+        ("train", "cnn", ("torch.save", _disk_full), "models/cnn"),
+    ],
+    ids=["dataset", "augmented-dataset", "onnx", "metrics", "checkpoint"],
+)
+def test_failed_write_leaves_the_previous_output_whole(built, tmp_path, monkeypatch, stage, model, patch, directory):
+    root = tmp_path / "project"
+    shutil.copytree(built, root)
+    config = load_config(root / "params.yaml")
+    outputs = {
+        "fetch_images": ["data/images/raw/train.npz", "data/images/raw/meta.json"],
+        **OUTPUTS,
+    }[stage]
+    names = [name.format(model=model) for name in outputs]
+    before = {name: (root / name).read_bytes() for name in names}
+    monkeypatch.setattr(*patch)
+    with pytest.raises(OSError, match="No space left"):
+        stages.STAGES[stage](config, model) if model else stages.STAGES[stage](config)
+    assert {name: (root / name).read_bytes() for name in names} == before
+    assert _leftovers(root / directory) == []
+    if stage == "train":
+        runs = MlflowClient(tracking.tracking_uri(config)).search_runs(["1"], order_by=["attributes.start_time DESC"])
+        assert runs[0].info.status == "FAILED"

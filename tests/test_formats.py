@@ -191,6 +191,37 @@ def test_read_cifar10_archive(tmp_path):
     np.testing.assert_array_equal(images, rows[i, c * 1024 + h * 32 + w])
 
 
+class _Payload:
+    """Unpickling this runs code: what a crafted archive would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar10_archive_with_code_in_a_batch_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "PWNED"
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    path = build_cifar_archive(tmp_path / "c.tar.gz", {"data_batch_1": (rows, [0, 1])})
+    with tarfile.open(path, "r:gz") as archive:
+        members = {m.name: archive.extractfile(m).read() if m.isfile() else None for m in archive.getmembers()}
+    crafted = tmp_path / "crafted.tar.gz"
+    with tarfile.open(crafted, "w:gz") as archive:
+        for name, data in members.items():
+            if data is None:
+                continue
+            if name.endswith("data_batch_1"):
+                data = pickle.dumps({b"data": rows, b"labels": [0, 1], b"filenames": _Payload(marker)})
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(DlpipeError, match=r"not a CIFAR-10 python archive \(refused to load (pathlib|posixpath)"):
+        read_cifar10_archive(crafted)
+    assert not marker.exists()
+
+
 def test_read_cifar10_archive_several_training_batches(tmp_path):
     rows = [np.full((2, 3072), v, dtype=np.uint8) for v in (10, 20, 30)]
     path = build_cifar_archive(

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     except DlpipeError as exc:
         print(f"dlpipe: error: {exc}", file=sys.stderr)
         code = 2
+    except OSError as exc:  # a full disk, a read-only folder: the message names the file; outputs are intact
+        print(f"dlpipe: error: {exc}", file=sys.stderr)
+        code = 1
     except Interrupted as exc:
         print(f"dlpipe: {exc}; nothing was written", file=sys.stderr)
         code = 128 + exc.signum

@@ -293,6 +293,11 @@ class Paths:
         return self.root / "mlflow.db"
 
     @property
+    def mlflow_lock(self) -> Path:
+        """Held while the local store's tables and experiment are created (see tracking.ensure_experiment)."""
+        return self.root / ".mlflow.db.lock"
+
+    @property
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
 

@@ -3,6 +3,7 @@ alias `champion` on the best evaluated version)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +71,34 @@ def client(config: Config):
     return MlflowClient(tracking_uri=tracking_uri(config), registry_uri=tracking_uri(config))
 
 
+def _is_local_store(config: Config) -> bool:
+    return tracking_uri(config) == f"sqlite:///{config.paths.mlflow_db}"
+
+
+def ensure_experiment(config: Config) -> str:
+    """The experiment's id, creating the store's tables and the experiment if need be.
+
+    Two first runs on a fresh `mlflow.db` (two `dvc repro`s of different models, say) would otherwise race
+    on MLflow's schema migration and on the experiment's row; for the local store the creation happens
+    under a file lock, once. After that, writers only insert rows, which sqlite serialises (MLflow sets a
+    busy timeout on every session).
+    """
+    from filelock import FileLock
+    from mlflow.exceptions import MlflowException
+
+    lock = FileLock(config.paths.mlflow_lock) if _is_local_store(config) else contextlib.nullcontext()
+    with lock:
+        mlflow_client = client(config)
+        name = config.params.mlflow.experiment
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=artifact_location(config))
+        except MlflowException:  # created meanwhile by another client of the same server
+            return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
 def artifact_location(config: Config) -> str | None:
     """Artifacts beside the sqlite file (absolute); a remote server decides its own location."""
     return config.paths.mlflow_artifacts.as_uri() if tracking_uri(config).startswith("sqlite:") else None
@@ -99,7 +128,7 @@ def reroot_local_store(config: Config) -> Path | None:
     from contextlib import closing
     from urllib.parse import urlparse
 
-    if tracking_uri(config) != f"sqlite:///{config.paths.mlflow_db}" or not config.paths.mlflow_db.is_file():
+    if not _is_local_store(config) or not config.paths.mlflow_db.is_file():
         return None
     expected = config.paths.mlflow_artifacts
     with closing(sqlite3.connect(config.paths.mlflow_db, timeout=60)) as db:

@@ -110,8 +110,8 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
     target = config.paths.checkpoint(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: the other ranks' processes are this run's, not orphans
+        tracking.ensure_experiment(config)
         _clean_orphans(config, model)
-    tracking.reroot_local_store(config)
     logger = MLFlowLogger(
         experiment_name=config.params.mlflow.experiment,
         run_name=model,

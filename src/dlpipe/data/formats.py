@@ -3,7 +3,7 @@
 - IDX (MNIST, Fashion-MNIST): big-endian magic (0, 0, dtype code, ndim), then ndim uint32 sizes, then data.
   http://yann.lecun.com/exdb/mnist/ describes the layout.
 - CIFAR-10 "python version": a tar.gz of pickled dicts with b"data" (N, 3072) uint8 rows in CHW order
-  and b"labels"; batches.meta holds b"label_names".
+  and b"labels"; batches.meta holds b"label_names". Read with an unpickler that loads plain data only.
 """
 
 from __future__ import annotations
@@ -50,6 +50,30 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     Path(path).write_bytes(gzip.compress(payload) if str(path).endswith(".gz") else payload)
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles containers, bytes, numbers and numpy arrays, nothing else.
+
+    A pickle runs code only through the globals it names (`os.system`, a class's `__reduce__`); the CIFAR
+    batches name just numpy's array reconstruction, so every other global is refused. A crafted archive
+    (or a mirror serving one with a checksum from params) cannot execute anything.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles: text -> bytes only
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not plain data")
+        return super().find_class(module, name)
+
+
 def read_cifar10_archive(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read every batch of a cifar-10-python.tar.gz into (N, 3, 32, 32) uint8 images and int64 labels."""
     images, labels, names = [], [], None
@@ -59,13 +83,13 @@ def read_cifar10_archive(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
                 base = Path(member.name).name
                 if not member.isfile() or not (base.startswith("data_batch") or base in ("test_batch", "batches.meta")):
                     continue
-                entry = pickle.load(archive.extractfile(member), encoding="bytes")  # noqa: S301 - checksum-verified archive
+                entry = _PlainDataUnpickler(archive.extractfile(member), encoding="bytes").load()
                 if base == "batches.meta":
                     names = [n.decode() for n in entry[b"label_names"]]
                     continue
                 images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(entry[b"labels"], dtype=np.int64))
-    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as exc:
         raise DlpipeError(f"{path}: not a CIFAR-10 python archive ({exc})") from exc
     if not images or names is None:
         raise DlpipeError(f"{path}: CIFAR-10 archive has no data batches or no batches.meta")
