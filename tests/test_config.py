@@ -125,8 +125,8 @@ def test_invalid_yaml_is_reported(tmp_path):
 
 def test_folder_source_is_accepted(tmp_path):
     params = tiny_params()
-    params["data"]["images"]["source"] = "folder:images"
-    assert load_config(write_project(tmp_path, params)).params.data.images.source == "folder:images"
+    params["data"]["images"].update(source="folder", folder="images")
+    assert load_config(write_project(tmp_path, params)).params.data.images.folder == "images"
 
 
 def test_params_hash_changes_with_params(tmp_path):

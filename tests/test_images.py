@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
+import struct
 import tarfile
 import threading
+import zlib
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -301,9 +304,11 @@ def test_load_folder(tmp_path):
 
 def test_load_images_folder_source_relative_and_absolute(tmp_path):
     written = build_folder(tmp_path / "data" / "imgs", {"b": 2, "a": 2}, size=(6, 6))
-    relative = load_images(ImagesParams(source="folder:data/imgs"), cache=tmp_path / "cache", root=tmp_path)
+    relative = load_images(ImagesParams(source="folder", folder="data/imgs"), cache=tmp_path / "cache", root=tmp_path)
     absolute = load_images(
-        ImagesParams(source=f"folder:{tmp_path / 'data' / 'imgs'}"), cache=tmp_path / "cache", root=Path("/nonexistent")
+        ImagesParams(source="folder", folder=str(tmp_path / "data" / "imgs")),
+        cache=tmp_path / "cache",
+        root=Path("/nonexistent"),
     )
     for images in (relative, absolute):
         assert images.classes == ["a", "b"]
@@ -322,37 +327,72 @@ def test_load_folder_rgb(tmp_path):
     np.testing.assert_array_equal(images.x[1], rgb.transpose(2, 0, 1))  # "red" sorts after "blue"
 
 
-def test_load_folder_corrupt_png(tmp_path):
-    build_folder(tmp_path / "set", {"a": 2, "b": 2})
-    bad = tmp_path / "set" / "b" / "01.png"
-    bad.write_bytes(b"this is not a PNG")
-    with pytest.raises(DlpipeError, match="cannot read image") as info:
-        load_folder(tmp_path / "set")
-    assert str(bad) in str(info.value)
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (and whose data is empty): a decompression bomb as
+    far as anything that decodes it is concerned."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def test_load_folder_truncated_png(tmp_path):
-    build_folder(tmp_path / "set", {"a": 2, "b": 2}, size=(64, 64))
-    bad = tmp_path / "set" / "a" / "00.png"
-    bad.write_bytes(bad.read_bytes()[:200])  # a valid header, then the data stops
-    with pytest.raises(DlpipeError, match="cannot read image") as info:
-        load_folder(tmp_path / "set")
-    assert str(bad) in str(info.value)
+def test_load_folder_skips_what_it_cannot_use_and_lists_why(tmp_path):
+    root = tmp_path / "set"
+    written = build_folder(root, {"a": 3, "b": 3}, size=(8, 8))
+    outside = tmp_path / "outside"
+    build_folder(outside, {"secret": 1}, size=(8, 8))
+    (root / "a" / "link.png").symlink_to(outside / "secret" / "00.png")  # leaves the folder
+    (root / "escape").symlink_to(outside / "secret", target_is_directory=True)  # a class dir outside
+    (root / "a" / "inside.png").symlink_to(root / "b" / "00.png")  # stays inside: kept
+    os.mkfifo(root / "b" / "pipe.png")  # reading it would block forever
+    (root / "b" / "empty.png").write_bytes(b"")
+    (root / "b" / "text.png").write_text("not a PNG at all")  # mislabelled
+    (root / "b" / "bomb.png").write_bytes(_png_header(50_000, 50_000))  # PIL's own limit stops it at open
+    (root / "b" / "big.png").write_bytes(_png_header(5_000, 5_000))  # ours, from the header
+    _write_png(root / "b" / "odd.png", np.zeros((9, 8), dtype=np.uint8))  # not the folder's size
+    _write_png(root / "a" / "colour.png", np.zeros((8, 8, 3), dtype=np.uint8), mode="RGB")  # mixed modes: kept
+
+    images = load_folder(root)
+
+    reasons = dict(images.skipped)
+    assert reasons == {
+        "a/link.png": "a link that leaves the folder",
+        "escape": "a link that leaves the folder",
+        "b/pipe.png": "not a regular file",
+        "b/empty.png": "empty file",
+        "b/text.png": "not a readable image (UnidentifiedImageError)",
+        "b/bomb.png": f"over {4096 * 4096} pixels (refused before decoding)",
+        "b/big.png": f"5000x5000 pixels, over {4096 * 4096}",
+        "b/odd.png": "size 8x9, not the folder's 8x8",
+    }
+    assert images.classes == ["a", "b"]
+    assert images.x.shape == (3 + 2 + 3, 3, 8, 8)  # a: 3 + colour + inside link; b: 3; all RGB now
+    np.testing.assert_array_equal(images.x[0, 0], written[root / "a" / "00.png"])
 
 
-def test_load_folder_mixed_sizes(tmp_path):
-    build_folder(tmp_path / "set", {"a": 2, "b": 2}, size=(8, 8))
-    odd = tmp_path / "set" / "b" / "02.png"
-    _write_png(odd, np.zeros((9, 8), dtype=np.uint8))
-    with pytest.raises(DlpipeError, match="differs from") as info:
-        load_folder(tmp_path / "set")
-    assert str(odd) in str(info.value)
-    assert "(8, 9)" in str(info.value)  # PIL sizes are (width, height)
+def test_fetch_images_records_skipped_files_in_meta(tmp_path):
+    from conftest import tiny_params, write_project
+    from dlpipe import stages
+    from dlpipe.config import load_config
+
+    params = tiny_params()
+    params["data"]["images"].update(source="folder", folder="imgs", limit=None)
+    config = load_config(write_project(tmp_path / "project", params))
+    build_folder(config.paths.root / "imgs", {"a": 10, "b": 10}, size=(8, 8))
+    (config.paths.root / "imgs" / "a" / "broken.png").write_bytes(b"\x89PNG broken")
+    meta = stages.fetch_images(config)
+    assert meta["skipped"] == {
+        "count": 1,
+        "files": [{"file": "a/broken.png", "reason": "not a readable image (UnidentifiedImageError)"}],
+    }
+    assert sum(meta["counts"].values()) == 20
 
 
 def test_load_folder_missing(tmp_path):
     with pytest.raises(DlpipeError, match="folder not found") as info:
-        load_images(ImagesParams(source="folder:no/such/dir"), cache=tmp_path, root=tmp_path)
+        load_images(ImagesParams(source="folder", folder="no/such/dir"), cache=tmp_path, root=tmp_path)
     assert str(tmp_path / "no" / "such" / "dir") in str(info.value)
 
 
@@ -366,7 +406,7 @@ def test_load_folder_without_images(tmp_path):
     (tmp_path / "set" / "a").mkdir(parents=True)
     (tmp_path / "set" / "b").mkdir()
     (tmp_path / "set" / "a" / "readme.txt").write_text("x")
-    with pytest.raises(DlpipeError, match="no image files"):
+    with pytest.raises(DlpipeError, match="no readable images in the class folders"):
         load_folder(tmp_path / "set")
 
 

@@ -76,7 +76,8 @@ VALUE_CASES = [
     ("trainer.precision", "8-bit", None),
     ("evaluate.providers", ["tpu"], "evaluate.providers.0"),
     ("data.stocks.source", "csv", None),
-    ("data.images.source", "folder:", None),
+    ("data.images.source", "folder:images", "use `source: folder` and `folder: <path>`"),
+    ("data.images.folder", 3, None),
     ("train.cnn.optimizer.schedule", "exponential", None),
     # unknown keys at every depth
     ("sede", 1, "sede"),

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dlpipe.errors import DlpipeError
 
-IMAGE_SOURCES = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10")
+IMAGE_SOURCES = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10", "folder")
 # The datasets the data stages write (data/<name>/); `models` maps each model to the one it trains on.
 DATASETS = ("images", "stocks")
 PARAMS_ENV = "DLPIPE_PARAMS"  # environment variable naming the params file (default ./params.yaml)
@@ -39,6 +39,7 @@ class _Strict(BaseModel):
 
 class ImagesParams(_Strict):
     source: str
+    folder: str = "data/image_folder"  # the `folder` source's images (relative to the project root)
     limit: PositiveInt | None = None
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
@@ -48,9 +49,11 @@ class ImagesParams(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value in IMAGE_SOURCES or (value.startswith("folder:") and len(value) > len("folder:")):
+        if value in IMAGE_SOURCES:
             return value
-        raise ValueError(f"unknown image source {value!r}; expected one of {', '.join(IMAGE_SOURCES)} or folder:<path>")
+        if value.startswith("folder:"):
+            raise ValueError("use `source: folder` and `folder: <path>` (dvc.yaml watches that path)")
+        raise ValueError(f"unknown image source {value!r}; expected one of {', '.join(IMAGE_SOURCES)}")
 
 
 class StocksParams(_Strict):
@@ -252,6 +255,10 @@ class Paths:
 
     def checkpoint(self, model: str) -> Path:
         return self.model_dir(model) / "best.ckpt"
+
+    def resume_dir(self, model: str) -> Path:
+        """Training's working directory: best and last checkpoints, kept after a crash to resume from."""
+        return self.model_dir(model) / ".resume"
 
     def train_info(self, model: str) -> Path:
         return self.model_dir(model) / "train.json"

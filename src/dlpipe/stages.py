@@ -19,6 +19,7 @@ log = logging.getLogger("dlpipe")
 # What later stages read from train.json and export.json.
 TRAIN_INFO_KEYS = ("run_id", "trainable_params", "train_seconds", "epochs_trained")
 EXPORT_INFO_KEYS = ("registered_version", "onnx_sha256")
+SKIPPED_LISTED = 100  # skipped files named in meta.json (all are counted)
 EXAMPLE_ROWS = 2  # real inputs stored as the registered model's input example
 
 
@@ -40,6 +41,11 @@ def fetch_images(config: Config) -> dict[str, Any]:
         "class_counts": {name: np.bincount(splits[name][1], minlength=len(images.classes)).tolist() for name in SPLITS},
         "split_sha256": {name: arrays_sha256(*splits[name]) for name in SPLITS},
         "seed": config.params.seed,
+        # A folder source leaves out files it cannot use; the first ones are listed with the reason.
+        "skipped": {
+            "count": len(images.skipped),
+            "files": [{"file": file, "reason": reason} for file, reason in images.skipped[:SKIPPED_LISTED]],
+        },
     }
     meta["sha256"] = hashlib.sha256("".join(meta["split_sha256"][n] for n in SPLITS).encode()).hexdigest()
     with atomic_dir(config.paths.raw_images) as tmp:
@@ -47,6 +53,12 @@ def fetch_images(config: Config) -> dict[str, Any]:
             save_split(tmp, name, *splits[name])
         write_json(config.paths.meta(tmp), meta)
     log.info("fetch_images: %s -> %s", params.source, meta["counts"])
+    if images.skipped:
+        log.warning(
+            "fetch_images: %d files skipped (listed in %s)",
+            len(images.skipped),
+            config.paths.meta(config.paths.raw_images),
+        )
     return meta
 
 

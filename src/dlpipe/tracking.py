@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-PID_TAG, HOST_TAG = "dlpipe.pid", "dlpipe.host"
 DATA_KEY_TAG = "data_key"  # version tag: data_key() of what it was evaluated on
 DATA_TAG = "evaluation_data"  # version tag: that evaluation data as JSON (source, test hash, input shape)
 log = logging.getLogger("dlpipe")
@@ -173,29 +171,28 @@ def run_tags(config: Config, model: str, stage: str, data_sha256: str) -> dict[s
         "git_sha": git_sha(config.paths.root),
         "params_hash": config.params_hash,
         "data_sha256": data_sha256,
-        # Which process runs it: a run left RUNNING by a killed process is found and ended next time.
-        PID_TAG: str(os.getpid()),
-        HOST_TAG: socket.gethostname(),
     }
 
 
 def end_run(config: Config, run_id: str, status: str) -> None:
-    """Mark a run FINISHED, FAILED or KILLED."""
-    client(config).set_terminated(run_id, status=status)
-
-
-def running_runs_on_this_host(config: Config, model: str) -> list[tuple[str, int]]:
-    """(run id, pid) of this model's runs still RUNNING that a process on this host started."""
+    """Set a run's status: FINISHED, FAILED or KILLED, or RUNNING again for a resumed training."""
     mlflow_client = client(config)
-    experiment = mlflow_client.get_experiment_by_name(config.params.mlflow.experiment)
-    if experiment is None:
-        return []
-    runs = mlflow_client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.model = '{model}' "
-        f"and tags.`{HOST_TAG}` = '{socket.gethostname()}'",
-    )
-    return [(r.info.run_id, int(r.data.tags[PID_TAG])) for r in runs if r.data.tags.get(PID_TAG, "").isdigit()]
+    if status == "RUNNING":
+        mlflow_client.update_run(run_id, status=status)
+    else:
+        mlflow_client.set_terminated(run_id, status=status)
+
+
+def end_run_if_running(config: Config, run_id: str, status: str) -> None:
+    """End a run left RUNNING (by a process that was killed); a finished or missing run is left alone."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(config)
+    try:
+        if mlflow_client.get_run(run_id).info.status == "RUNNING":
+            mlflow_client.set_terminated(run_id, status=status)
+    except MlflowException:
+        pass
 
 
 def log_artifact(config: Config, run_id: str, path: Path, artifact_path: str) -> None:

@@ -1,23 +1,32 @@
 """Train one registered model with Lightning: seeded, ModelCheckpoint on the task's monitored metric,
 early stopping, one MLflow run per model. Returns the facts later stages need (run id, timing, sizes).
 
+Training survives a crash. Its working directory (`models/<model>/.resume/`) holds the best and the last
+checkpoint (written atomically at every validation, with the random-number states) and a record of the
+run. A process killed outright (SIGKILL, out of memory, power loss) leaves it behind; the next `train`
+of the same model with the same params and data resumes from the last checkpoint, in the same MLflow
+run, and ends exactly where an uninterrupted run would. A stop that can be handled (an error, SIGTERM,
+Ctrl-C) ends the MLflow run as FAILED or KILLED, exits non-zero and removes the directory.
+
 Under DDP (`trainer.devices` > 1) every process runs `fit`; what follows training (MLflow logging, the
 checkpoint's move into place, the returned facts) happens on global rank 0 only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -25,13 +34,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dlpipe import tracking
 from dlpipe.config import Config
 from dlpipe.errors import DlpipeError, Interrupted
+from dlpipe.io import write_json
 from dlpipe.models import count_trainable_parameters
 from dlpipe.tasks import task_of
+from dlpipe.training_callbacks import (
+    AtomicCheckpointIO,
+    RestoreRandomState,
+    StopOnNonFiniteLoss,
+    check_finite_weights,
+)
 
 log = logging.getLogger("dlpipe")
 
 
-SCRATCH_PREFIX = ".train-"  # + pid: the scratch directory of a training process, beside the checkpoint
+RESUME_RECORD = "resume.json"  # in the resume directory: what the checkpoints belong to
 
 
 def _pid_alive(pid: int) -> bool:
@@ -44,18 +60,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_orphans(config: Config, model: str) -> None:
-    """Remove what a training process killed with SIGKILL left behind: its scratch directory, and its
-    MLflow run, still RUNNING, which is ended as KILLED."""
-    for scratch in config.paths.model_dir(model).glob(f"{SCRATCH_PREFIX}*"):
-        pid = scratch.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(scratch, ignore_errors=True)
-            log.info("removed %s, left by a killed training process", scratch)
-    for run_id, pid in tracking.running_runs_on_this_host(config, model):
-        if not _pid_alive(pid):
-            tracking.end_run(config, run_id, "KILLED")
-            log.info("MLflow run %s of a killed training process ended as KILLED", run_id)
+def _fingerprint(config: Config, model: str, data_sha256: str) -> str:
+    """What a resumed run must share with the crashed one: params of the model, trainer, seed, data."""
+    train = config.train_params(model).model_dump(mode="json")
+    trainer = config.params.trainer.model_dump(mode="json")
+    facts = {"seed": config.params.seed, "train": train, "trainer": trainer, "data": data_sha256}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_point(config: Config, model: str, fingerprint: str) -> tuple[Path | None, str | None]:
+    """(last checkpoint, MLflow run id) to continue from, or (None, None) to start afresh.
+
+    A resume directory left by a live process means the same model is being trained right now: refused.
+    One from a dead process with other params or data, or without a readable last checkpoint, is stale:
+    removed, and its MLflow run (still RUNNING) ended as KILLED.
+    """
+    directory = config.paths.resume_dir(model)
+    record_path = directory / RESUME_RECORD
+    if not directory.exists():
+        return None, None
+    try:
+        record = json.loads(record_path.read_text())
+        pid, run_id = int(record["pid"]), str(record["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        record, pid, run_id = None, None, None
+    if record and record.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
+        raise DlpipeError(f"train.{model}: already being trained by process {pid} ({directory})")
+    last = directory / "last.ckpt"
+    if record and record.get("fingerprint") == fingerprint and last.is_file():
+        log.info("%s: resuming from %s (MLflow run %s)", model, last, run_id)
+        return last, run_id
+    if run_id:
+        tracking.end_run_if_running(config, run_id, "KILLED")
+    shutil.rmtree(directory, ignore_errors=True)
+    log.info("%s: removed %s, left by a killed training with other params or data", model, directory)
+    return None, None
 
 
 def _interruption(exc: BaseException) -> Interrupted | None:
@@ -68,37 +107,6 @@ def _interruption(exc: BaseException) -> Interrupted | None:
     return None
 
 
-class NonFiniteLoss(DlpipeError):
-    """Training diverged: the loss became NaN or infinite."""
-
-
-class StopOnNonFiniteLoss(Callback):
-    """Fail training at the first step whose loss is NaN or infinite.
-
-    Without it a diverged run (say `lr: 1e6`) trains to the end on NaN weights, is marked FINISHED, and
-    only export notices. Raising inside `fit` makes Lightning end the MLflow run as FAILED, and since
-    checkpoints are written at validation time only, no checkpoint of the diverged weights is kept.
-    """
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
-            raise NonFiniteLoss(
-                f"train.{self.model}: loss became {loss.item()} at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step}; training stopped, nothing saved (lower optimizer.lr?)"
-            )
-
-
-def _check_finite_weights(checkpoint_path: str, model: str) -> None:
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]  # written just now
-    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise NonFiniteLoss(f"train.{model}: the best checkpoint has non-finite weights ({bad[0]}); not kept")
-
-
 def fit(config: Config, model: str) -> dict[str, Any] | None:
     """Train `model`; the facts for train.json on global rank 0, None on the other DDP ranks."""
     train = config.train_params(model)
@@ -106,69 +114,95 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
     L.seed_everything(config.params.seed, workers=True, verbose=False)
     module, datamodule = task.build(config, model)
     data_sha256 = task.data_fingerprint(config)
+    fingerprint = _fingerprint(config, model, data_sha256)
+    resume_dir = config.paths.resume_dir(model)
 
-    target = config.paths.checkpoint(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # DDP: the other ranks' processes are this run's, not orphans
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero:
         tracking.ensure_experiment(config)
-        _clean_orphans(config, model)
+        last, run_id = _resume_point(config, model, fingerprint)
+    else:  # DDP: rank 0 has decided (and cleaned up) before it started this process
+        last, run_id = (resume_dir / "last.ckpt" if (resume_dir / "last.ckpt").is_file() else None), None
     logger = MLFlowLogger(
         experiment_name=config.params.mlflow.experiment,
         run_name=model,
+        run_id=run_id,  # a resumed training continues its run
         tracking_uri=tracking.tracking_uri(config),
         tags=tracking.run_tags(config, model, "train", data_sha256),
         artifact_location=tracking.artifact_location(config),
         log_model=False,  # the best checkpoint is logged below, once, under a stable name
     )
-    logger.log_hyperparams(
-        {"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()}
-    )
+    if rank_zero:
+        if run_id:
+            tracking.end_run(config, run_id, "RUNNING")
+        else:
+            logger.log_hyperparams(
+                {"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()}
+            )
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "fingerprint": fingerprint, "run_id": logger.run_id}
+        write_json(resume_dir / RESUME_RECORD, record)
 
     try:
-        return _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256)
+        info = _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256, last)
     except BaseException as exc:
         # Lightning has ended the run as FAILED already; an interruption is recorded as KILLED instead.
         interruption = _interruption(exc)
-        if rank_zero_only.rank == 0:
+        if rank_zero:
             tracking.end_run(config, logger.run_id, "KILLED" if interruption else "FAILED")
+            shutil.rmtree(resume_dir, ignore_errors=True)
         if interruption is not None:
             raise interruption from exc
         raise
+    if rank_zero:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return info
 
 
-def _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256) -> dict[str, Any] | None:
+def _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256, last) -> dict[str, Any] | None:
     monitor, mode = task.monitor
     target = config.paths.checkpoint(model)
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=target.parent) as scratch:
-        # Under DDP, ModelCheckpoint broadcasts rank 0's directory, so only rank 0's scratch is written.
-        checkpoint = ModelCheckpoint(dirpath=scratch, filename="best", monitor=monitor, mode=mode, save_top_k=1)
-        trainer = L.Trainer(
-            max_epochs=train.epochs,
-            accelerator=config.params.trainer.accelerator,
-            devices=config.params.trainer.devices,
-            precision=config.params.trainer.precision,
-            logger=logger,
-            callbacks=[
-                StopOnNonFiniteLoss(model),
-                checkpoint,
-                EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
-                LearningRateMonitor("epoch"),
-            ],
-            deterministic=True,
-            default_root_dir=scratch,
-            log_every_n_steps=1,  # metrics are logged per epoch; this only silences the small-data warning
-        )
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
-        train_seconds = time.perf_counter() - started
-        if not checkpoint.best_model_path:
-            raise RuntimeError(f"{model}: training produced no checkpoint (no validation run?)")
-        # Collective under DDP: every rank takes part in testing the best checkpoint.
-        test_metrics = trainer.test(ckpt_path=checkpoint.best_model_path, datamodule=datamodule, verbose=False)[0]
-        if not trainer.is_global_zero:
-            return None
-        _check_finite_weights(checkpoint.best_model_path, model)
-        os.replace(checkpoint.best_model_path, target)  # same directory tree: an atomic rename
+    resume_dir = config.paths.resume_dir(model)
+    # Under DDP, ModelCheckpoint broadcasts rank 0's directory; the path is the same on every rank anyway.
+    checkpoint = ModelCheckpoint(
+        dirpath=resume_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, enable_version_counter=False
+    )
+    # last.ckpt, every epoch, is where a crashed training resumes (`save_last` writes only on improvement).
+    last_checkpoint = ModelCheckpoint(
+        dirpath=resume_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+    )
+    trainer = L.Trainer(
+        max_epochs=train.epochs,
+        accelerator=config.params.trainer.accelerator,
+        devices=config.params.trainer.devices,
+        precision=config.params.trainer.precision,
+        logger=logger,
+        callbacks=[
+            StopOnNonFiniteLoss(model),
+            RestoreRandomState(),
+            checkpoint,
+            last_checkpoint,
+            EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
+            LearningRateMonitor("epoch"),
+        ],
+        plugins=[AtomicCheckpointIO()],
+        deterministic=True,
+        # A sanity check draws random numbers (every DataLoader iteration does) before training, and only
+        # on a fresh start: without it, a resumed run's random stream is the uninterrupted one's.
+        num_sanity_val_steps=0,
+        default_root_dir=resume_dir,
+        log_every_n_steps=1,  # metrics are logged per epoch; this only silences the small-data warning
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    train_seconds = time.perf_counter() - started
+    if not checkpoint.best_model_path:
+        raise RuntimeError(f"{model}: training produced no checkpoint (no validation run?)")
+    # Collective under DDP: every rank takes part in testing the best checkpoint.
+    test_metrics = trainer.test(ckpt_path=checkpoint.best_model_path, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
+    check_finite_weights(checkpoint.best_model_path, model)
+    os.replace(checkpoint.best_model_path, target)  # same directory tree: an atomic rename
 
     run_id = logger.run_id
     trainable_params = count_trainable_parameters(module.model)
@@ -178,6 +212,7 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
         "model": model,
         "task": task.name,
         "run_id": run_id,
+        "resumed": last is not None,
         "train_seconds": train_seconds,
         "trainable_params": trainable_params,
         "epochs_trained": trainer.current_epoch,

@@ -8,7 +8,9 @@ image files; online sources are downloaded once with pooch, checked against know
 from __future__ import annotations
 
 import hashlib
+import stat
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ class ImageSet:
     y: np.ndarray  # (N,) int64
     classes: list[str]
     provenance: str
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason) of files a folder source left out
 
 
 @dataclass(frozen=True)
@@ -141,39 +144,91 @@ def load_cifar10(params: ImagesParams, cache: Path) -> ImageSet:
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Larger images are skipped before they are decoded: a small file can claim (and decompress to) gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, str]]]:
+    """Classes, (file, label) candidates and (path, reason) skipped, without leaving `root` or opening
+    anything that is not a regular file (a FIFO would block the read forever)."""
+    inside = root.resolve()
+    skipped: list[tuple[Path, str]] = []
+
+    def escapes(path: Path) -> bool:
+        if path.resolve().is_relative_to(inside):
+            return False
+        skipped.append((path, "a link that leaves the folder"))
+        return True
+
+    classes = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and not escapes(p))
+    files = []
+    for label, directory in enumerate(classes):
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") or escapes(path):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((path, "not an image file name"))
+            elif not stat.S_ISREG(path.stat().st_mode):
+                skipped.append((path, "not a regular file"))
+            elif path.stat().st_size == 0:
+                skipped.append((path, "empty file"))
+            else:
+                files.append((path, label))
+    return [c.name for c in classes], files, skipped
 
 
 def load_folder(root: Path) -> ImageSet:
-    """An ImageFolder layout: root/<class name>/<image file>; classes sorted by name."""
+    """An ImageFolder layout: root/<class name>/<image file>; classes sorted by name.
+
+    Files that cannot be used are skipped and listed (with the reason) rather than failing the load:
+    links out of the folder, special files, empty or undecodable files, images over MAX_IMAGE_PIXELS
+    (checked from the header, before decoding), and images whose size differs from the most common one.
+    Grayscale and colour mixed: all become RGB.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
-        raise DlpipeError(f"data.images.source: folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DlpipeError(f"data.images.folder: folder not found: {root}")
+    classes, files, skipped = _folder_files(root)
     if len(classes) < 2:
         raise DlpipeError(f"{root}: need at least two class sub-folders, found {len(classes)}")
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DlpipeError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
-    modes = set()
-    arrays = []
-    for path, _ in files:
+    decoded = []
+    for path, label in files:
         try:
-            with Image.open(path) as image:
-                modes.add("L" if image.mode in ("L", "1", "I;16") else "RGB")
-                arrays.append((path, image.copy()))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DlpipeError(f"{path}: cannot read image ({exc})") from exc
-    mode = "L" if modes == {"L"} else "RGB"
-    first_size = arrays[0][1].size
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    if image.width * image.height > MAX_IMAGE_PIXELS:
+                        skipped.append((path, f"{image.width}x{image.height} pixels, over {MAX_IMAGE_PIXELS}"))
+                        continue
+                    image.load()
+                    decoded.append((path, label, image.copy()))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            skipped.append((path, f"over {MAX_IMAGE_PIXELS} pixels (refused before decoding)"))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            skipped.append((path, f"not a readable image ({type(exc).__name__})"))
+    if not decoded:
+        raise DlpipeError(f"{root}: no readable images in the class folders ({len(skipped)} files skipped)")
+    size = Counter(image.size for _, _, image in decoded).most_common(1)[0][0]
+    kept = []
+    for path, label, image in decoded:
+        if image.size == size:
+            kept.append((label, image))
+        else:
+            skipped.append((path, f"size {image.size[0]}x{image.size[1]}, not the folder's {size[0]}x{size[1]}"))
+    mode = "L" if all(image.mode in ("L", "1", "I;16") for _, image in kept) else "RGB"
     stacked = []
-    for path, image in arrays:
-        if image.size != first_size:
-            raise DlpipeError(f"{path}: size {image.size} differs from {first_size} of {arrays[0][0]}")
+    for _, image in kept:
         pixels = np.asarray(image.convert(mode), dtype=np.uint8)
         stacked.append(pixels[None] if mode == "L" else pixels.transpose(2, 0, 1))
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return ImageSet(np.stack(stacked), labels, classes, f"image folder {root}")
+    labels = np.array([label for label, _ in kept], dtype=np.int64)
+    present = set(labels.tolist())
+    if len(present) < 2:
+        raise DlpipeError(f"{root}: readable images in {len(present)} class folder(s); need at least two")
+    listed = tuple(sorted((str(path.relative_to(root)), reason) for path, reason in skipped))
+    return ImageSet(np.stack(stacked), labels, classes, f"image folder {root}", listed)
 
 
 IMAGE_LOADERS: dict[str, Callable[[ImagesParams, Path], ImageSet]] = {
@@ -186,8 +241,8 @@ IMAGE_LOADERS: dict[str, Callable[[ImagesParams, Path], ImageSet]] = {
 
 
 def load_images(params: ImagesParams, cache: Path, root: Path) -> ImageSet:
-    if params.source.startswith("folder:"):
-        folder = Path(params.source.removeprefix("folder:"))
+    if params.source == "folder":
+        folder = Path(params.folder)
         return load_folder(folder if folder.is_absolute() else root / folder)
     return IMAGE_LOADERS[params.source](params, cache)
 
