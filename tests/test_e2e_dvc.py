@@ -65,6 +65,25 @@ def test_dag_lists_every_stage(repo):
         assert stage in dag
 
 
+def test_two_repros_at_once_one_runs_the_other_fails_cleanly(repo):
+    root, env = repo
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("latency_runs: 5", "latency_runs: 6"))  # evaluate@* must run
+    processes = [
+        subprocess.Popen(
+            ["dvc", "repro"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    codes = [process.returncode for process in processes]
+    assert sorted(codes)[0] == 0 and sorted(codes)[1] != 0, outputs  # one ran, the other found the repo locked
+    assert "lock" in outputs[codes.index(sorted(codes)[1])].lower(), outputs
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root, env).stdout
+    metrics = json.loads((root / "reports" / "metrics" / "cnn.json").read_text())  # whole and valid
+    assert 0 < metrics["test_accuracy"] <= 1
+
+
 def test_checkout_restores_every_output(repo):
     root, env = repo
     written = ["models/cnn/train.json", "models/lstm/export.json", "reports/metrics/cnn.json", "reports/index.html"]

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,8 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
         default_root_dir=resume_dir,
         log_every_n_steps=1,  # metrics are logged per epoch; this only silences the small-data warning
     )
+    # The directory holds resume.json from the start; Lightning's warning about it is not news.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     train_seconds = time.perf_counter() - started
