@@ -39,7 +39,8 @@ def write_project(root: Path, params: dict) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     # A developer's MLFLOW_TRACKING_URI must not receive test runs.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("DLPIPE_PARAMS", raising=False)
 
 

@@ -34,8 +34,8 @@ def project_env(root: Path) -> dict[str, str]:
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@localhost",
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("DLPIPE_PARAMS", None)
+    for key in [key for key in env if key.lstrip("_").startswith("MLFLOW_")] + ["DLPIPE_PARAMS"]:
+        env.pop(key, None)  # a developer's (or an earlier in-process run's) store must not receive these runs
     return env
 
 

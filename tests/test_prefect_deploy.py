@@ -179,10 +179,11 @@ def test_deploy_schedule_and_worker_run(prefect_server, project, mlflow_server, 
     assert "Data and pipelines are up to date" in status, status
     assert (root / "reports" / "index.html").is_file()
     assert not (root / "mlflow.db").exists()  # everything went to the tracking server
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
     assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "lstm"]
     assert all(r.info.status == "FINISHED" for r in runs)
     cnn_run = next(r for r in runs if r.data.tags["model"] == "cnn")
     assert [a.path for a in client.list_artifacts(cnn_run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
-    assert client.get_model_version_by_alias("dlpipe-cnn", "champion").run_id == cnn_run.info.run_id
+    champion = client.get_model_version_by_alias("dlpipe-cnn", "champion")
+    assert champion.run_id == cnn_run.info.run_id, (champion, {r.info.run_id: r.data.tags for r in runs})

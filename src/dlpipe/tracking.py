@@ -43,17 +43,18 @@ def tracking_uri(config: Config) -> str:
 
 @contextmanager
 def keep_tracking_env() -> Iterator[None]:
-    """Undo the process-wide MLFLOW_TRACKING_URI that `mlflow.set_tracking_uri` exports (Lightning's
-    MLFlowLogger calls it too): otherwise a second project run in the same process (a notebook, a test)
-    would log into the first one's store."""
-    before = os.environ.get(TRACKING_URI_ENV)
+    """Undo the process-wide MLflow settings that `mlflow.set_tracking_uri`, `set_registry_uri` and
+    `set_experiment` export as environment variables (Lightning's MLFlowLogger calls them too): otherwise
+    a second project run in the same process (a notebook, a test), and every process it starts, would log
+    into and register with the first one's store."""
+    before = {key: value for key, value in os.environ.items() if key.lstrip("_").startswith("MLFLOW_")}
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
-            os.environ[TRACKING_URI_ENV] = before
+        for key in [key for key in os.environ if key.lstrip("_").startswith("MLFLOW_")]:
+            if key not in before:
+                del os.environ[key]
+        os.environ.update(before)
 
 
 def registered_name(model: str) -> str:
