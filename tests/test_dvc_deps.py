@@ -30,6 +30,7 @@ ENTRY_MODULES = (f"{PACKAGE}.__main__", f"{PACKAGE}.cli")
 # Files each stage reads besides code and params.yaml, found by reading stages.py, tasks/*.py and evaluate.py.
 # Not derivable by ast (they are computed paths), so pinned here: dropping one from dvc.yaml fails the test.
 DATA_READS = {
+    "fetch_images": ["${data.images.folder}"],  # the `folder` source: new images rerun the stage
     "fetch_stocks": ["data/samples/stocks"],
     "augment": ["data/images/raw"],
     # ${key} is the model, ${item} the dataset params `models` gives it (see test_dataset_dirs_hold_...).

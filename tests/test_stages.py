@@ -223,6 +223,22 @@ def test_parity_failure_keeps_previous_onnx(pipeline_run, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
 
 
+def test_opset_the_exporter_cannot_write_is_refused(pipeline_run):
+    import dataclasses
+
+    from dlpipe.config import ExportParams
+
+    config, _ = pipeline_run
+    target = config.paths.onnx("cnn")
+    before = target.read_bytes()
+    unsupported = dataclasses.replace(
+        config, params=config.params.model_copy(update={"export": ExportParams(opset=99)})
+    )
+    with pytest.raises(DlpipeError, match=r"export\.opset: 99 is not supported by this exporter \(it wrote opset 18\)"):
+        stages.export(unsupported, "cnn")
+    assert target.read_bytes() == before
+
+
 def test_unknown_model_stage_raises(pipeline_run):
     config, _ = pipeline_run
     with pytest.raises(DlpipeError, match="unknown model 'vgg'"):
