@@ -113,6 +113,9 @@ _ARTIFACT_COLUMNS = (
 )
 
 
+_CHECKED_STORES: set[Path] = set()  # local stores this process has re-rooted (or found in place)
+
+
 def reroot_local_store(config: Config) -> Path | None:
     """Keep a copied or moved project's artifacts to itself. Returns the old location if it moved them.
 
@@ -127,8 +130,9 @@ def reroot_local_store(config: Config) -> Path | None:
     from contextlib import closing
     from urllib.parse import urlparse
 
-    if not _is_local_store(config) or not config.paths.mlflow_db.is_file():
+    if not _is_local_store(config) or config.paths.mlflow_db in _CHECKED_STORES or not config.paths.mlflow_db.is_file():
         return None
+    _CHECKED_STORES.add(config.paths.mlflow_db)  # once per process: every MLflow call goes through here
     expected = config.paths.mlflow_artifacts
     with closing(sqlite3.connect(config.paths.mlflow_db, timeout=60)) as db:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -175,7 +179,7 @@ def run_tags(config: Config, model: str, stage: str, data_sha256: str) -> dict[s
     }
 
 
-def end_run(config: Config, run_id: str, status: str) -> None:
+def set_run_status(config: Config, run_id: str, status: str) -> None:
     """Set a run's status: FINISHED, FAILED or KILLED, or RUNNING again for a resumed training."""
     mlflow_client = client(config)
     if status == "RUNNING":

@@ -135,7 +135,7 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
     )
     if rank_zero:
         if run_id:
-            tracking.end_run(config, run_id, "RUNNING")
+            tracking.set_run_status(config, run_id, "RUNNING")
         else:
             logger.log_hyperparams(
                 {"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()}
@@ -149,7 +149,7 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
         # Lightning has ended the run as FAILED already; an interruption is recorded as KILLED instead.
         interruption = _interruption(exc)
         if rank_zero:
-            tracking.end_run(config, logger.run_id, "KILLED" if interruption else "FAILED")
+            tracking.set_run_status(config, logger.run_id, "KILLED" if interruption else "FAILED")
             shutil.rmtree(resume_dir, ignore_errors=True)
         if interruption is not None:
             raise interruption from exc

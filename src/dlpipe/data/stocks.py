@@ -60,8 +60,8 @@ def download_yfinance(params: StocksParams) -> pd.DataFrame:
     return frame.reset_index().rename(columns={"index": "Date", "Datetime": "Date"})
 
 
-def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> pd.DataFrame:
-    """Normalise to Date + OHLCV, filter to [start, end], and reject data a model must not train on."""
+def _date_and_price_columns(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """Date (parsed, time-zone free) and the OHLCV columns, or DlpipeError naming what is missing."""
     missing = [c for c in ("Date", *PRICE_COLUMNS) if c not in frame.columns]
     if missing:
         raise DlpipeError(f"{origin}: missing column(s) {', '.join(missing)}")
@@ -69,7 +69,12 @@ def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> p
     frame["Date"] = pd.to_datetime(frame["Date"], errors="coerce").dt.tz_localize(None)
     if frame["Date"].isna().any():
         raise DlpipeError(f"{origin}: unparseable date in row {int(frame['Date'].isna().to_numpy().argmax())}")
-    frame = frame.sort_values("Date")
+    return frame
+
+
+def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> pd.DataFrame:
+    """Normalise to Date + OHLCV, filter to [start, end], and reject data a model must not train on."""
+    frame = _date_and_price_columns(frame, origin).sort_values("Date")
     if params.start:
         frame = frame[frame["Date"] >= pd.Timestamp(params.start)]
     if params.end:
@@ -175,12 +180,6 @@ def read_prices(path: Path) -> pd.DataFrame:
     expected = read_json(path.parent / "meta.json", required=("sha256",))["sha256"]
     if sha256_file(path) != expected:
         raise DlpipeError(f"{path}: changed since fetch_stocks wrote it (sha256 differs from meta.json); rerun it")
-    frame = _read_csv(path)
-    missing = [c for c in ("Date", *PRICE_COLUMNS) if c not in frame.columns]
-    if missing:
-        raise DlpipeError(f"{path}: missing column(s) {', '.join(missing)}")
-    frame["Date"] = pd.to_datetime(frame["Date"], errors="coerce")
-    if frame["Date"].isna().any():
-        raise DlpipeError(f"{path}: unparseable date in row {int(frame['Date'].isna().to_numpy().argmax())}")
+    frame = _date_and_price_columns(_read_csv(path), str(path))
     frame[list(PRICE_COLUMNS)] = check_price_values(frame, str(path))
     return frame
