@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from dlpipe.config import OptimizerParams
+from dlpipe.models.layers import AuxiliaryOutput
 from dlpipe.tasks.classifier import to_unit_float
 from dlpipe.tasks.optim import configure_optimizers
 
@@ -38,8 +39,11 @@ class ClassifierModule(L.LightningModule):
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
-        logits = self.model(to_unit_float(images))
-        return self.loss(logits, labels), logits.argmax(dim=1), labels
+        output = self.model(to_unit_float(images))
+        if isinstance(output, AuxiliaryOutput):  # training mode of a network with side heads (Inception)
+            aux_loss = sum(self.loss(aux, labels) for aux in output.aux_logits)
+            return self.loss(output.logits, labels) + output.aux_weight * aux_loss, output.logits.argmax(1), labels
+        return self.loss(output, labels), output.argmax(dim=1), labels
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, preds, labels = self.model_step(batch)
@@ -65,6 +69,3 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
 
-
-# What the classifier reads from fetch_images' meta.json.
-IMAGE_META_KEYS = ("source", "classes", "channels", "height", "width", "sha256", "split_sha256")
