@@ -65,7 +65,7 @@ def run_stage(project: str, stage: str) -> str:
 
 @flow(name="dlpipe", log_prints=True)
 def dlpipe_pipeline(project: str = ".", models: list[str] | None = None) -> dict[str, Any]:
-    """fetch -> augment -> (train -> export -> evaluate) per model -> report, as DVC stages in `project`.
+    """fetch -> augment -> (train -> export -> evaluate) per model -> cost -> distill -> transfer -> report: DVC stages.
 
     Returns the metrics of the models it ran (read from the files the evaluate stages wrote).
     """
@@ -84,6 +84,11 @@ def dlpipe_pipeline(project: str = ".", models: list[str] | None = None) -> dict
     for model in selected:
         for stage in ("train", "export", "evaluate"):
             run_stage(str(root), f"{stage}@{model}")
+    run_stage(str(root), "cost")  # reads neither data nor models: standard vs depthwise separable convolution
+    if config.params.distill.teacher in selected:  # distillation needs the teacher trained above
+        run_stage(str(root), "distill")
+    if "images" in datasets:  # pretrains its own backbone on the fetched images: needs no trained model
+        run_stage(str(root), "transfer")
     if set(selected) == set(config.params.models):
         run_stage(str(root), "report")
     else:

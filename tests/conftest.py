@@ -19,11 +19,20 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 def tiny_params() -> dict:
     """The repository's params.yaml, shrunk so a full pipeline run takes seconds on two cores."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    # The pipeline's shape (images and stocks, every stage) with its two quickest models; every other
+    # registered model goes through its task in tests/test_registry.py.
+    params["models"] = {"cnn": "images", "lstm": "stocks"}
     params["data"]["images"]["limit"] = 300
     params["augment"]["preview_count"] = 4
     params["train"]["cnn"].update(epochs=1, batch_size=64)
     params["train"]["lstm"].update(epochs=1, window=10)
     params["evaluate"].update(latency_warmup=1, latency_runs=5)
+    # 21 training images a class at this limit; a tiny ResNet trains ten times in seconds.
+    transfer = {"net": {"depth": 8, "widths": [4, 8, 8]}, "shots": [2, 5], "pretrain_epochs": 1, "epochs": 2}
+    params["transfer"].update(transfer, head_epochs=1)
+    # The teacher must be one of the models above; tests/test_distill.py trains it and sets the student.
+    params["distill"].update(teacher="cnn", epochs=1)
+    params["cost"].update(channels=[[8, 16], [16, 32]], sizes=[8], batch=4, repeats=3, warmup=1)
     return params
 
 

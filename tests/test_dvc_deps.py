@@ -44,6 +44,8 @@ DATA_READS = {
         "data/${item}",
     ],
     "report": ["reports/metrics", "reports/plots", "reports/figures/augment_preview.png"],
+    "distill": ["data/images", "models/${distill.teacher}/best.ckpt"],
+    "transfer": ["data/images/raw"],
 }
 
 

@@ -14,6 +14,7 @@ CLASSIFIER_KEYS = {"test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "mac
 FORECASTER_KEYS = {"rmse", "mae", "directional_accuracy", "persistence_rmse", "rmse_ratio_vs_persistence"}
 COMMON_KEYS = {
     "trainable_params",
+    "multiply_adds",
     "train_seconds",
     "onnx_max_abs_diff",
     "latency_ms_torch_b1_p50",
@@ -96,6 +97,7 @@ def test_evaluate_writes_contract_metrics(pipeline_run, model, task_keys):
     assert metrics["onnx_max_abs_diff"] <= config.params.export.parity_atol
     assert metrics["latency_ms_onnx_b1_p99"] >= metrics["latency_ms_onnx_b1_p50"] > 0
     assert metrics["trainable_params"] == results[f"train@{model}"]["trainable_params"]
+    assert metrics["multiply_adds"] == results[f"train@{model}"]["multiply_adds"] >= metrics["trainable_params"] // 2
 
 
 def test_classifier_metrics_are_consistent(pipeline_run):

@@ -87,15 +87,35 @@ class DataParams(_Strict):
     stocks: StocksParams
 
 
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+FactorRange = Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)]  # [min, max]
+
+
 class AugmentParams(_Strict):
     copies: Annotated[int, Field(ge=0)]
-    p: Annotated[float, Field(ge=0.0, le=1.0)]
+    p: Probability
     rotate_deg: Annotated[float, Field(ge=0.0, le=180.0)]
     translate_frac: Annotated[float, Field(ge=0.0, le=0.5)]
     scale_min: PositiveFloat
     scale_max: PositiveFloat
     shear_deg: Annotated[float, Field(ge=0.0, le=45.0)]
     preview_count: PositiveInt = 16
+    # None: the image source's default (dlpipe.augment.SOURCE_DEFAULTS); the augment stage resolves it.
+    hflip_p: Probability | None = None
+    vflip_p: Probability | None = None
+    stretch_p: Probability | None = None
+    stretch_x: FactorRange = [1.0, 1.3]
+    stretch_y: FactorRange = [1.0, 1.3]
+    brightness_contrast_p: Probability | None = None
+    brightness_limit: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    contrast_limit: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+
+    @field_validator("stretch_x", "stretch_y")
+    @classmethod
+    def _min_before_max(cls, value: list[float]) -> list[float]:
+        if value[0] > value[1]:
+            raise ValueError(f"[min, max]: min ({value[0]}) must not exceed max ({value[1]})")
+        return value
 
     @model_validator(mode="after")
     def _scale_order(self) -> AugmentParams:
@@ -177,6 +197,89 @@ class MlflowParams(_Strict):
     register_model: bool = True
 
 
+ChannelPair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]  # [M input, N output channels]
+
+
+class CostParams(_Strict):
+    """The `cost` stage: a standard 3x3 convolution against a depthwise separable one of the same shape."""
+
+    channels: Annotated[list[ChannelPair], Field(min_length=1)] = [[32, 64], [64, 128], [128, 256]]
+    sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [28, 14]  # feature map H = W
+    batch: PositiveInt = 32  # images per timed forward pass
+    repeats: PositiveInt = 7  # timed rounds of both layers; the median per-round time ratio is reported
+    warmup: Annotated[int, Field(ge=0)] = 1  # untimed rounds first (allocations, thread pool start)
+    threads: PositiveInt | None = 1  # torch threads while timing; None = torch's default (one per core)
+
+
+class DistillParams(_Strict):
+    """Knowledge distillation (the `distill` stage): a small student trained on a trained teacher's soft
+    targets, compared with the same student trained on the labels alone."""
+
+    teacher: str = "resnet"  # a classifier in `models`, trained by `train <teacher>` first
+    student: str = "cnn"  # a registered classifier, built with `net` (not train.<student>.net)
+    net: dict[str, Any] = Field(default_factory=dict)  # the student builder's arguments; {} = its defaults
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 128
+    optimizer: OptimizerParams = OptimizerParams(lr=0.003, weight_decay=0.0005)
+    temperature: PositiveFloat = 4.0  # T: softmax(logits / T) of both networks
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9  # weight of the soft-target term; 1 - alpha on CE
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> DistillParams:
+        if self.optimizer.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs}) must be less than epochs ({self.epochs})"
+            )
+        return self
+
+
+ClassIndex = Annotated[int, Field(ge=0)]  # an index into meta.json `classes` (for MNIST digits, the digit)
+
+
+class TransferParams(_Strict):
+    """The `transfer` stage: pretrain a backbone on some classes, then learn others from k images each,
+    from scratch, by feature extraction and by fine-tuning (see dlpipe.transfer)."""
+
+    backbone: str = "resnet"  # a registered classifier with the transfer protocol (`fc`, `blocks()`)
+    net: dict[str, Any] = Field(default_factory=dict)  # the backbone builder's arguments; {} = its defaults
+    pretrain_classes: Annotated[list[ClassIndex], Field(min_length=2)] = [0, 1, 2, 3, 4]
+    target_classes: Annotated[list[ClassIndex], Field(min_length=2)] = [5, 6, 7, 8, 9]
+    shots: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 20, 100]  # k: training images per target class
+    pretrain_epochs: PositiveInt = 3
+    epochs: PositiveInt = 20  # every k-shot training, whatever the mode
+    head_epochs: PositiveInt = 10  # fine-tuning: epochs with the base frozen before the top blocks unfreeze
+    unfreeze_blocks: PositiveInt = 1  # fine-tuning: how many of `blocks()` (from the top) to unfreeze
+    lr: PositiveFloat = 0.003
+    finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # lr x this once the top blocks unfreeze
+    batch_size: PositiveInt = 32
+    weights: str | None = None  # a torchvision-format state_dict of the backbone; null = pretrain here
+
+    @field_validator("pretrain_classes", "target_classes", "shots")
+    @classmethod
+    def _no_repeats(cls, value: list[int]) -> list[int]:
+        if repeated := sorted({v for v in value if value.count(v) > 1}):
+            raise ValueError(f"{repeated[0]} is listed twice")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty path (null pretrains the backbone here)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransferParams:
+        if shared := sorted(set(self.pretrain_classes) & set(self.target_classes)):
+            raise ValueError(f"pretrain_classes and target_classes share class {shared[0]}: the new task must be new")
+        if self.head_epochs >= self.epochs:
+            raise ValueError(
+                f"head_epochs ({self.head_epochs}) must be less than epochs ({self.epochs}), "
+                "or fine-tuning never unfreezes"
+            )
+        return self
+
+
 class Params(_Strict):
     seed: int
     # model -> the dataset it trains on; dvc.yaml makes each model's stages depend on data/<dataset> only.
@@ -190,6 +293,9 @@ class Params(_Strict):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    cost: CostParams = CostParams()
+    distill: DistillParams = DistillParams()
+    transfer: TransferParams = TransferParams()
 
     @model_validator(mode="after")
     def _models_have_train_sections(self) -> Params:
@@ -294,6 +400,53 @@ class Paths:
     @property
     def report_html(self) -> Path:
         return self.reports / "index.html"
+
+    @property
+    def cost(self) -> Path:
+        """The cost stage's outputs: standard vs depthwise separable convolution, as JSON and a figure."""
+        return self.reports / "cost"
+
+    @property
+    def depthwise_json(self) -> Path:
+        return self.cost / "depthwise.json"
+
+    @property
+    def depthwise_png(self) -> Path:
+        return self.cost / "depthwise.png"
+
+    @property
+    def distill(self) -> Path:
+        """The distill stage's output directory: the comparison table as JSON and CSV."""
+        return self.reports / "distill"
+
+    @property
+    def distill_json(self) -> Path:
+        return self.distill / "distill.json"
+
+    @property
+    def distill_csv(self) -> Path:
+        return self.distill / "distill.csv"
+
+    @property
+    def transfer(self) -> Path:
+        """The transfer stage's output directory (written whole): table as JSON and CSV, and the figure."""
+        return self.reports / "transfer"
+
+    @property
+    def transfer_json(self) -> Path:
+        return self.transfer / "transfer.json"
+
+    @property
+    def transfer_csv(self) -> Path:
+        return self.transfer / "transfer.csv"
+
+    @property
+    def transfer_png(self) -> Path:
+        return self.transfer / "accuracy_vs_k.png"
+
+    def transfer_weights(self, weights: str) -> Path:
+        """The file `transfer.weights` names: relative to the project root, or absolute."""
+        return self.root / weights
 
     @property
     def mlflow_db(self) -> Path:
@@ -407,6 +560,10 @@ def load_config(params_file: Path | str | None = None) -> Config:
     except ValidationError as exc:
         raise DlpipeError(_one_line(exc, path, raw)) from exc
     params = _with_checked_models(params, path)
+    if "distill" in raw:  # an absent section is checked when the distill stage runs (check_distill)
+        params = check_distill(params, path)
+    if "transfer" in raw:  # an absent section is checked when the transfer stage runs (check_transfer)
+        params = check_transfer(params, path)
     return Config(params=params, paths=Paths(path.parent), params_file=path, raw=raw)
 
 
@@ -443,3 +600,44 @@ def _with_checked_models(params: Params, params_file: Path) -> Params:
                 f"{params_file}: models.{name}: a {train.task} trains on {dataset}, not {params.models[name]}"
             )
     return params.model_copy(update={"train": checked})
+
+
+DISTILL_TASK = "classifier"  # distillation matches class probabilities: teacher and student are classifiers
+
+
+def check_distill(params: Params, params_file: Path) -> Params:
+    """The `distill` section against the rest: the teacher is a classifier in `models`, the student a
+    registered classifier whose `net` fits its builder (returned coerced to its type hints, as the models'
+    are). One-line DlpipeError naming the key."""
+    from dlpipe.models import get_spec
+    from dlpipe.tasks import get_task
+
+    distill, where = params.distill, f"{params_file}: distill"
+    if distill.teacher not in params.models:
+        raise DlpipeError(
+            f"{where}.teacher: {distill.teacher!r} is not in models ({', '.join(params.models)}); add it and train it"
+        )
+    if params.train[distill.teacher].task != DISTILL_TASK:
+        raise DlpipeError(
+            f"{where}.teacher: {distill.teacher!r} is a {params.train[distill.teacher].task}, not a {DISTILL_TASK}"
+        )
+    spec = get_spec(distill.student, where=f"{where}.student")
+    if spec.task != DISTILL_TASK:
+        raise DlpipeError(f"{where}.student: {distill.student!r} is a {spec.task}, not a {DISTILL_TASK}")
+    net = spec.validate_net(distill.net, get_task(DISTILL_TASK).data_kwargs, where=f"{where}.net")
+    return params.model_copy(update={"distill": distill.model_copy(update={"net": net})})
+
+
+def check_transfer(params: Params, params_file: Path) -> Params:
+    """`transfer.backbone` is a registered image classifier and `transfer.net` fits its builder (returned
+    coerced to its type hints). One-line DlpipeError naming the key."""
+    from dlpipe.models import get_spec
+    from dlpipe.tasks import get_task
+    from dlpipe.tasks.classifier import ClassifierTask
+
+    transfer, where = params.transfer, f"{params_file}: transfer"
+    spec = get_spec(transfer.backbone, where=f"{where}.backbone")
+    if spec.task != ClassifierTask.name:
+        raise DlpipeError(f"{where}.backbone: {spec.name!r} is a {spec.task}, not an image classifier")
+    net = spec.validate_net(transfer.net, get_task(spec.task).data_kwargs, where=f"{where}.net")
+    return params.model_copy(update={"transfer": transfer.model_copy(update={"net": net})})

@@ -53,5 +53,7 @@ def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> di
     metrics["onnx_provider"] = session.get_providers()[0]
     metrics.update(latency_table(config, network, session, task.reference_inputs(config, model)))
     metrics.update({key: train_info[key] for key in ("trainable_params", "train_seconds", "epochs_trained")})
+    if "multiply_adds" in train_info:  # per sample; absent from a train.json written before it was counted
+        metrics["multiply_adds"] = train_info["multiply_adds"]
     task.plots(config, model, outputs, config.paths.plots(model))
     return metrics

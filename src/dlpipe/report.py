@@ -11,6 +11,7 @@ from dlpipe.io import atomic_path, write_json
 # Columns shown in the comparison table, in order; absent keys show as a dash.
 TABLE_COLUMNS = (
     ("trainable_params", "trainable params", "{:,.0f}"),
+    ("multiply_adds", "multiply-adds / sample", "{:,.0f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("test_accuracy", "test acc (torch)", "{:.4f}"),
     ("onnx_accuracy", "test acc (ONNX)", "{:.4f}"),

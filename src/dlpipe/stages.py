@@ -89,23 +89,34 @@ def fetch_stocks(config: Config) -> dict[str, Any]:
 
 
 def augment(config: Config) -> dict[str, Any]:
-    from dlpipe.augment import augment_images, save_preview
+    from dlpipe.augment import PIPELINE_FILE, augment_images, describe, pipeline_dict, resolve, save_preview
     from dlpipe.data.images import load_split, save_split
 
-    params = config.params.augment
+    seed = config.params.seed
     x, y = load_split(config.paths.raw_images, "train")
-    x_aug, y_aug = augment_images(x, y, params, config.params.seed)
+    # The raw data's source picks the defaults of the probabilities params.yaml leaves at null.
+    raw_meta = config.paths.meta(config.paths.raw_images)
+    source = read_json(raw_meta, required=("source",))["source"]
+    params = resolve(config.params.augment, source, where=f"{raw_meta}: source")
+    x_aug, y_aug = augment_images(x, y, params, seed)
     with atomic_dir(config.paths.augmented) as tmp:
         digest = save_split(tmp, "train", x_aug, y_aug)
+        write_json(tmp / PIPELINE_FILE, pipeline_dict(params, seed))
         meta = {
             "originals": int(len(y)),
             "total": int(len(y_aug)),
             "copies": params.copies,
             "sha256": digest,
             "split_sha256": {"train": digest},
+            "source": source,
+            "seed": seed,
+            "settings": params.model_dump(),  # params.augment with the source's defaults filled in
+            "transforms": describe(params),
+            "pipeline": PIPELINE_FILE,  # A.from_dict(...) then set_random_seed(seed) reproduces the copies
         }
         write_json(config.paths.meta(tmp), meta)
-    save_preview(x, y, params, config.params.seed, config.paths.augment_preview)
+    save_preview(x, y, params, seed, config.paths.augment_preview, source)
+    log.info("augment: %s, %d -> %d images; %s", source, len(y), len(y_aug), "; ".join(meta["transforms"]))
     return meta
 
 
@@ -188,6 +199,77 @@ def report(config: Config) -> dict[str, Any]:
     return summary
 
 
+def cost(config: Config) -> dict[str, Any]:
+    """A standard 3x3 convolution against a depthwise separable one of the same shape (MobileNet): parameters
+    and multiply-adds counted by FlopCounterMode beside the textbook 1/N + 1/9, and the measured time ratio."""
+    from dlpipe.cost import depthwise_table, plot_depthwise
+
+    params = config.params.cost
+    table = depthwise_table(
+        params.channels, params.sizes, params.batch, params.repeats, params.warmup, threads=params.threads
+    )
+    with atomic_dir(config.paths.cost) as tmp:  # the table and its figure replace the old pair together
+        write_json(tmp / config.paths.depthwise_json.name, table)
+        plot_depthwise(table, tmp / config.paths.depthwise_png.name)
+    for row in table["rows"]:
+        shape = f"{row['in_channels']}->{row['out_channels']} channels at {row['size']}x{row['size']}"
+        log.info(
+            "cost: %s: multiply-adds x%.3f (textbook %.3f), forward time x%.2f",
+            shape,
+            row["multiply_adds_ratio"],
+            row["textbook_ratio"],
+            row["time_ratio"],
+        )
+    return table
+
+
+def distill(config: Config) -> dict[str, Any]:
+    """Knowledge distillation: params `distill.student` trained alone and from `distill.teacher`'s soft
+    targets; reports/distill/ holds the table (JSON, CSV) and both students' checkpoints."""
+    from dlpipe.distill import compare, mlflow_run, write_outputs
+
+    comparison = compare(config)  # trains both students; writes nothing
+    paths = config.paths
+    with mlflow_run(config, comparison.summary) as run_id:
+        comparison.summary["run_id"] = run_id
+        with atomic_dir(paths.distill) as tmp:
+            write_outputs(comparison, tmp, paths.distill_json.name, paths.distill_csv.name)
+    summary = comparison.summary
+    log.info(
+        "distill: %s %.4f alone, %.4f distilled from %s (%.4f); helped: %s",
+        summary["settings"]["student"],
+        summary["rows"][1]["test_accuracy"],
+        summary["rows"][2]["test_accuracy"],
+        summary["settings"]["teacher"],
+        summary["rows"][0]["test_accuracy"],
+        summary["distillation_helped"],
+    )
+    return summary
+
+
+def transfer(config: Config) -> dict[str, Any]:
+    """Transfer learning (dlpipe.transfer): a backbone pretrained on some classes (or loaded from
+    `transfer.weights`) learns new classes from k images each, from scratch, by feature extraction and by
+    fine-tuning; reports/transfer/ gets the accuracy table (JSON, CSV) and the accuracy-vs-k figure, and
+    MLflow one run."""
+    import dataclasses
+
+    from dlpipe import tracking
+    from dlpipe.config import check_transfer
+    from dlpipe.transfer import log_results, mlflow_run, run_transfer, write_outputs
+
+    # A params file without a `transfer` section was not checked on load (the defaults name resnet).
+    config = dataclasses.replace(config, params=check_transfer(config.params, config.params_file))
+    with tracking.keep_tracking_env():
+        results = run_transfer(config, log)
+        with atomic_dir(config.paths.transfer) as tmp, mlflow_run(config, results) as run_id:
+            results["run_id"] = run_id
+            write_outputs(config, results, tmp)
+            log_results(config, run_id, results, tmp)
+    log.info("transfer: beats scratch at the smallest k? %s", results["smallest_k"]["answer"])
+    return results
+
+
 STAGES = {
     "fetch_images": fetch_images,
     "fetch_stocks": fetch_stocks,
@@ -196,5 +278,8 @@ STAGES = {
     "export": export,
     "evaluate": evaluate,
     "report": report,
+    "distill": distill,
+    "cost": cost,
+    "transfer": transfer,
 }
 MODEL_STAGES = ("train", "export", "evaluate")  # stages that take a model name

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -34,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dlpipe import tracking
 from dlpipe.config import Config
+from dlpipe.cost import model_cost
 from dlpipe.errors import DlpipeError, Interrupted
 from dlpipe.io import write_json
 from dlpipe.models import count_trainable_parameters
@@ -159,6 +162,17 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
     return info
 
 
+def _one_sample(task, module: L.LightningModule) -> torch.Tensor:
+    """An input of the exported module (`module.model`) shaped like one real sample, batch 1: the
+    LightningModule's `example_input_array` (a forecaster's has the configured window), else the task's
+    synthetic input for the network's data-supplied arguments."""
+    example = module.example_input_array
+    if isinstance(example, torch.Tensor):
+        return example[:1]
+    data_kwargs = module.hparams.net_spec["kwargs"]
+    return torch.from_numpy(task.synthetic_inputs(data_kwargs, 1, np.random.default_rng(0)))
+
+
 def _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256, last) -> dict[str, Any] | None:
     monitor, mode = task.monitor
     target = config.paths.checkpoint(model)
@@ -209,7 +223,12 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
 
     run_id = logger.run_id
     trainable_params = count_trainable_parameters(module.model)
-    tracking.log_metrics(config, run_id, {"train_seconds": train_seconds, "trainable_params": trainable_params})
+    multiply_adds = model_cost(module.model, _one_sample(task, module))["multiply_adds"]
+    tracking.log_metrics(
+        config,
+        run_id,
+        {"train_seconds": train_seconds, "trainable_params": trainable_params, "multiply_adds": multiply_adds},
+    )
     tracking.log_artifact(config, run_id, target, "checkpoints")
     return {
         "model": model,
@@ -218,6 +237,7 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
         "resumed": last is not None,
         "train_seconds": train_seconds,
         "trainable_params": trainable_params,
+        "multiply_adds": multiply_adds,  # per sample (batch 1), counted by dlpipe.cost.model_cost
         "epochs_trained": trainer.current_epoch,
         "monitor": monitor,
         "best_score": float(checkpoint.best_model_score),

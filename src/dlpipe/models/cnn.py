@@ -50,12 +50,17 @@ class SimpleCNN(nn.Module):
             nn.Linear(previous * size * size, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
         )
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def blocks(self) -> list[nn.Module]:
+        """Each conv block with its pool, then the hidden layer of the head."""
+        return [self.features[index : index + 2] for index in range(0, len(self.features), 2)] + [self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (B, channels[-1], H / 2^k, W / 2^k)
-        return self.head(x)  # (B, num_classes)
+        x = self.head(x)  # (B, hidden)
+        return self.fc(x)  # (B, num_classes)
 
 
 @register_model("lenet5", task="classifier")
@@ -85,10 +90,15 @@ class LeNet5(nn.Module):
             nn.Tanh(),
             nn.Linear(120, 84),
             nn.Tanh(),
-            nn.Linear(84, num_classes),
         )
+        self.fc = nn.Linear(84, num_classes)
+
+    def blocks(self) -> list[nn.Module]:
+        """C1-S2, C3-S4, then the F5 and F6 fully connected layers."""
+        return [self.features[:3], self.features[3:], self.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.pad(x, (self.pad,) * 4)  # (B, C, 32, 32) for MNIST-sized inputs
         x = self.features(x)  # (B, 16, 5, 5)
-        return self.classifier(x)  # (B, num_classes)
+        x = self.classifier(x)  # (B, 84)
+        return self.fc(x)  # (B, num_classes)

@@ -24,6 +24,8 @@ Builder = Callable[..., nn.Module]
 PositiveInt = Annotated[int, Field(gt=0)]
 DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
 Widths = Annotated[Sequence[PositiveInt], Field(min_length=1)]  # one width per stage; at least one stage
+PositiveFloat = Annotated[float, Field(gt=0.0)]  # a width multiplier: 0 would remove every channel
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]  # a loss weight: 0 switches the term off
 
 
 @dataclass(frozen=True)
