@@ -81,7 +81,8 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 def markdown(table: dict[str, dict]) -> str:
     lines = [
-        "| model | accuracy mean ± sd (min) | params | multiply-adds | ORT b1 ms | ORT img/s b32 | train s | train+export+evaluate s |",
+        "| model | accuracy mean ± sd (min) | params | multiply-adds | ORT b1 ms | ORT img/s b32 | train s "
+        "| train+export+evaluate s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, row in sorted(table.items(), key=lambda item: -item[1]["accuracy_mean"]):

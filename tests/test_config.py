@@ -13,7 +13,7 @@ from dlpipe.errors import DlpipeError
 
 def test_repository_params_are_valid():
     config = load_config(REPO_ROOT / "params.yaml")
-    assert config.params.models == {"cnn": "images", "lstm": "stocks"}
+    assert config.params.models == {"cnn": "images", "resnet": "images", "mobilenet_v2": "images", "lstm": "stocks"}
     assert config.params.data.images.source == "mnist_5k"
     assert config.params.data.stocks.source == "sample"
     assert config.paths.root == REPO_ROOT
@@ -41,11 +41,14 @@ def _error_for(tmp_path, mutate) -> str:
         (lambda p: p["train"]["cnn"]["net"].update(widths=[8]), "train.cnn.net.widths"),
         (lambda p: p["augment"].update(scale_min=2.0, scale_max=1.0), "scale_min"),
         (lambda p: p["data"]["images"].update(val_fraction=0.7), "data.images.val_fraction"),
-        (lambda p: p["models"].update(resnet="images"), "resnet"),
+        (
+            lambda p: (p["models"].update(vgg="images"), p["train"].pop("vgg")),
+            "model 'vgg' is listed in models but has no train.vgg",
+        ),
         (lambda p: p["models"].update(lstm="images"), "models.lstm: a forecaster trains on stocks, not images"),
         (lambda p: p["models"].update(cnn="audio"), "models.cnn"),
         (lambda p: p.update(models=["cnn", "lstm"]), "models"),
-        (lambda p: p["train"].update(resnet=dict(p["train"]["cnn"])), "unknown model 'resnet'"),
+        (lambda p: p["train"].update(resnet9000=dict(p["train"]["cnn"])), "unknown model 'resnet9000'"),
         (lambda p: p["train"]["lstm"].update(task="classifier"), "train.lstm.task"),
         (lambda p: p["train"]["lstm"].pop("window"), "train.lstm.window"),
         (lambda p: p["train"]["lstm"].update(window=1), "train.lstm.window"),

@@ -229,6 +229,24 @@ def test_students_checkpoints_hold_no_teacher(distilled):
     assert sum(p.numel() for p in student.parameters()) == summary["rows"][2]["trainable_params"]
 
 
+def test_both_students_start_alike_and_see_the_same_batches(distilled):
+    # With alpha 0 the distilled loss is plain cross-entropy: the same seed must then give the same weights,
+    # so the only difference between the two students of the stage is the teacher's term.
+    import dataclasses
+
+    from dlpipe.distill_training import train_student
+    from dlpipe.tasks import get_task
+
+    config, _, _ = distilled
+    task = get_task("classifier")
+    teacher = task.load_exported(config.paths.checkpoint("cnn"))
+    data_kwargs = {"in_channels": 1, "image_size": 28, "num_classes": 10}
+    alone = train_student(config, data_kwargs, task.wrap, None)[0].state_dict()
+    zero = config.params.model_copy(update={"distill": config.params.distill.model_copy(update={"alpha": 0.0})})
+    distilled_zero = train_student(dataclasses.replace(config, params=zero), data_kwargs, task.wrap, teacher)[0]
+    assert all(torch.allclose(alone[k].float(), v.float(), atol=1e-6) for k, v in distilled_zero.state_dict().items())
+
+
 def test_missing_teacher_checkpoint_is_one_line_and_writes_nothing(config):
     with pytest.raises(DlpipeError) as caught:
         stages.distill(config)

@@ -222,7 +222,7 @@ class DistillParams(_Strict):
     batch_size: PositiveInt = 128
     optimizer: OptimizerParams = OptimizerParams(lr=0.003, weight_decay=0.0005)
     temperature: PositiveFloat = 4.0  # T: softmax(logits / T) of both networks
-    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9  # weight of the soft-target term; 1 - alpha on CE
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7  # weight of the soft-target term; 1 - alpha on CE
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> DistillParams:

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 MODES = ("scratch", "feature_extraction", "fine_tuning")
 HEAD = "fc"  # the protocol's head attribute: its state_dict keys are `fc.*`, left out of a backbone
 EVAL_BATCH = 500  # test images per forward pass when measuring accuracy
+# The stage's networks are tiny (8-64 channels, batches of 16): on 2 cores a second intra-op thread gained at most
+# 1.4x when both cores were free, and cost 10x (1,600 -> 60-170 images/s) whenever another process held one,
+# as the OpenMP threads wait for each other at every operation. One thread is the robust choice.
+CPU_THREADS = 1
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -341,8 +345,24 @@ def train_mode(
 
 
 # ------------------------------------------------------------------------------------------------ results
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_transfer(config: Config, log=None) -> dict[str, Any]:
     """Pretrain (or load) the backbone, train every mode on every k, measure; the results document."""
+    with cpu_threads(CPU_THREADS):
+        return _run_transfer(config, log)
+
+
+def _run_transfer(config: Config, log=None) -> dict[str, Any]:
     params = config.params.transfer
     started = time.perf_counter()
     data = load_transfer_data(config)

@@ -68,4 +68,3 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
-
