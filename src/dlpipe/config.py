@@ -245,13 +245,13 @@ class TransferParams(_Strict):
     pretrain_classes: Annotated[list[ClassIndex], Field(min_length=2)] = [0, 1, 2, 3, 4]
     target_classes: Annotated[list[ClassIndex], Field(min_length=2)] = [5, 6, 7, 8, 9]
     shots: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 20, 100]  # k: training images per target class
-    pretrain_epochs: PositiveInt = 3
+    pretrain_epochs: PositiveInt = 5
     epochs: PositiveInt = 20  # every k-shot training, whatever the mode
     head_epochs: PositiveInt = 10  # fine-tuning: epochs with the base frozen before the top blocks unfreeze
     unfreeze_blocks: PositiveInt = 1  # fine-tuning: how many of `blocks()` (from the top) to unfreeze
-    lr: PositiveFloat = 0.003
-    finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # lr x this once the top blocks unfreeze
-    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 0.01
+    finetune_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3  # lr x this once the top blocks unfreeze
+    batch_size: PositiveInt = 16
     weights: str | None = None  # a torchvision-format state_dict of the backbone; null = pretrain here
 
     @field_validator("pretrain_classes", "target_classes", "shots")

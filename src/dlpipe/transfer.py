@@ -446,7 +446,7 @@ def plot(results: dict[str, Any], target: Path) -> None:
             color="black",
             linestyle="-.",
             linewidth=1,
-            label=f"backbone on {','.join(results['pretrain_classes'])}",
+            label=f"pretrained backbone on its classes {','.join(results['pretrain_classes'])}",
         )
     ax.set_xscale("log")
     ax.set_xticks(frame["k"], [str(k) for k in frame["k"]])
