@@ -37,8 +37,9 @@ COLUMNS = (
 
 def classifiers() -> list[str]:
     from dlpipe.models import get_spec, list_models
+    from dlpipe.tasks.classifier import ClassifierTask
 
-    return [name for name in list_models() if get_spec(name).task == "classifier"]
+    return [name for name in list_models() if get_spec(name).task == ClassifierTask.name]
 
 
 def project(root: Path, seed: int, models: list[str]) -> Path:

@@ -185,7 +185,7 @@ def test_stage_writes_the_table(distilled):
     assert [row["role"] for row in written["rows"]] == ["teacher", "student alone", "student distilled"]
     teacher, alone, student = written["rows"]
     assert teacher["trainable_params"] > alone["trainable_params"] == student["trainable_params"] > 0
-    assert teacher["macs"] > alone["macs"] == student["macs"] > 0
+    assert teacher["multiply_adds"] > alone["multiply_adds"] == student["multiply_adds"] > 0
     assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in written["rows"])
     assert teacher["train_seconds"] is None and alone["train_seconds"] > 0
     assert written["distillation_helped"] == (student["test_accuracy"] > alone["test_accuracy"])

@@ -602,29 +602,29 @@ def _with_checked_models(params: Params, params_file: Path) -> Params:
     return params.model_copy(update={"train": checked})
 
 
-DISTILL_TASK = "classifier"  # distillation matches class probabilities: teacher and student are classifiers
-
-
 def check_distill(params: Params, params_file: Path) -> Params:
     """The `distill` section against the rest: the teacher is a classifier in `models`, the student a
     registered classifier whose `net` fits its builder (returned coerced to its type hints, as the models'
     are). One-line DlpipeError naming the key."""
     from dlpipe.models import get_spec
     from dlpipe.tasks import get_task
+    from dlpipe.tasks.classifier import ClassifierTask
 
+    # Distillation matches class probabilities: teacher and student are classifiers.
+    classifier = ClassifierTask.name
     distill, where = params.distill, f"{params_file}: distill"
     if distill.teacher not in params.models:
         raise DlpipeError(
             f"{where}.teacher: {distill.teacher!r} is not in models ({', '.join(params.models)}); add it and train it"
         )
-    if params.train[distill.teacher].task != DISTILL_TASK:
+    if params.train[distill.teacher].task != classifier:
         raise DlpipeError(
-            f"{where}.teacher: {distill.teacher!r} is a {params.train[distill.teacher].task}, not a {DISTILL_TASK}"
+            f"{where}.teacher: {distill.teacher!r} is a {params.train[distill.teacher].task}, not a {classifier}"
         )
     spec = get_spec(distill.student, where=f"{where}.student")
-    if spec.task != DISTILL_TASK:
-        raise DlpipeError(f"{where}.student: {distill.student!r} is a {spec.task}, not a {DISTILL_TASK}")
-    net = spec.validate_net(distill.net, get_task(DISTILL_TASK).data_kwargs, where=f"{where}.net")
+    if spec.task != classifier:
+        raise DlpipeError(f"{where}.student: {distill.student!r} is a {spec.task}, not a {classifier}")
+    net = spec.validate_net(distill.net, get_task(classifier).data_kwargs, where=f"{where}.net")
     return params.model_copy(update={"distill": distill.model_copy(update={"net": net})})
 
 

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dlpipe.config import DISTILL_TASK, Config, check_distill
+from dlpipe.config import Config, check_distill
 from dlpipe.errors import DlpipeError
 from dlpipe.io import atomic_path, read_json, write_json
 
 # Rows of the comparison table, in order.
 TEACHER, ALONE, DISTILLED = "teacher", "student alone", "student distilled"
-COLUMNS = ("role", "model", "test_accuracy", "test_loss", "trainable_params", "macs", "train_seconds")
+COLUMNS = ("role", "model", "test_accuracy", "test_loss", "trainable_params", "multiply_adds", "train_seconds")
 CHECKPOINTS = {ALONE: "student_alone.ckpt", DISTILLED: "student_distilled.ckpt"}  # in reports/distill/
 EVAL_BATCH = 500
 
@@ -94,7 +94,7 @@ def _row(role: str, model: str, network: nn.Module, logits: np.ndarray, y: np.nd
         "test_loss": float(loss),  # cross-entropy with the labels: distillation often improves it most
         # All parameters: the ones its own training trained (the frozen teacher's are trainable in that sense).
         "trainable_params": sum(p.numel() for p in network.parameters()),
-        "macs": model_cost(network, example)["multiply_adds"],  # per image
+        "multiply_adds": model_cost(network, example)["multiply_adds"],  # per image
         "train_seconds": None,
     }
 
@@ -108,13 +108,13 @@ def compare(config: Config) -> Comparison:
     from dlpipe.data.images import load_split
     from dlpipe.distill_training import train_student
     from dlpipe.tasks import get_task
-    from dlpipe.tasks.classifier import IMAGE_META_KEYS
+    from dlpipe.tasks.classifier import IMAGE_META_KEYS, ClassifierTask
 
     params = check_distill(config.params, config.params_file).distill  # a default section is checked here
     checkpoint = config.paths.checkpoint(params.teacher)
     if not checkpoint.is_file():
         raise DlpipeError(f"{checkpoint}: no teacher checkpoint; run `dlpipe train {params.teacher}` first")
-    task = get_task(DISTILL_TASK)
+    task = get_task(ClassifierTask.name)
     meta = read_json(config.paths.meta(config.paths.raw_images), required=IMAGE_META_KEYS)
     data_kwargs = {"in_channels": meta["channels"], "image_size": meta["height"], "num_classes": len(meta["classes"])}
     x, y = load_split(config.paths.raw_images, "test")
@@ -196,11 +196,13 @@ def mlflow_run(config: Config, summary: dict[str, Any]) -> Iterator[str]:
 
     from dlpipe import tracking
     from dlpipe.tasks import get_task
+    from dlpipe.tasks.classifier import ClassifierTask
 
     settings = summary["settings"]
     client = tracking.client(config)
     experiment = tracking.ensure_experiment(config)
-    tags = tracking.run_tags(config, settings["student"], "distill", get_task(DISTILL_TASK).data_fingerprint(config))
+    data_sha256 = get_task(ClassifierTask.name).data_fingerprint(config)
+    tags = tracking.run_tags(config, settings["student"], "distill", data_sha256)
     run = client.create_run(experiment, run_name="distill", tags={**tags, "teacher": settings["teacher"]})
     run_id = run.info.run_id
     try:
