@@ -85,7 +85,28 @@ class InvertedResidual(nn.Module):
         return out  # (B, C_out, H / s, W / s)
 
 
-class MobileNetV1(nn.Module):
+class _MobileNet(nn.Module):
+    """What both MobileNets share: a `features` stack, global average pooling, dropout and `fc`."""
+
+    def _add_head(self, layers: list[nn.Module], width: int, num_classes: int, dropout: float) -> None:
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (B, C_last, H / 8, W / 8) rounded up
+        x = self.avgpool(x)  # (B, C_last, 1, 1)
+        x = torch.flatten(x, 1)  # (B, C_last)
+        x = self.dropout(x)  # (B, C_last)
+        return self.fc(x)  # (B, num_classes)
+
+
+class MobileNetV1(_MobileNet):
     """MobileNet v1: a 3x3 stem, depthwise separable layers from a (width, stride) table, GAP, fc."""
 
     def __init__(
@@ -104,24 +125,10 @@ class MobileNetV1(nn.Module):
             width = make_divisible(width * width_mult)
             layers.append(DepthwiseSeparable(previous, width, stride))
             previous = width
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(previous, num_classes)
-        _init_weights(self)
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (B, C_last, H / 8, W / 8) rounded up
-        x = self.avgpool(x)  # (B, C_last, 1, 1)
-        x = torch.flatten(x, 1)  # (B, C_last)
-        x = self.dropout(x)  # (B, C_last)
-        return self.fc(x)  # (B, num_classes)
+        self._add_head(layers, previous, num_classes, dropout)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(_MobileNet):
     """MobileNet v2: a 3x3 stem, inverted residual blocks from a (t, c, n, s) table, 1x1 conv, GAP, dropout, fc."""
 
     def __init__(
@@ -144,21 +151,7 @@ class MobileNetV2(nn.Module):
                 previous = width
         last = make_divisible(last * width_mult)
         layers.append(ConvBNAct(previous, last, 1, activation=nn.ReLU6))
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(last, num_classes)
-        _init_weights(self)
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (B, C_last, H / 8, W / 8) rounded up
-        x = self.avgpool(x)  # (B, C_last, 1, 1)
-        x = torch.flatten(x, 1)  # (B, C_last)
-        x = self.dropout(x)  # (B, C_last)
-        return self.fc(x)  # (B, num_classes)
+        self._add_head(layers, last, num_classes, dropout)
 
 
 def _init_weights(net: nn.Module) -> None:
