@@ -264,3 +264,16 @@ def test_default_section_names_a_teacher_that_is_not_in_models(tmp_path):
     config = load_config(write_project(tmp_path, params))
     with pytest.raises(DlpipeError, match=r"distill\.teacher: 'resnet' is not in models"):
         stages.distill(config)
+
+
+def test_a_project_without_the_teacher_loads_and_only_distill_refuses(tmp_path):
+    """A stocks-only project is valid params; the teacher must be in `models` when distillation runs."""
+    from dlpipe.config import load_config
+
+    params = tiny_params()
+    params["models"] = {"lstm": "stocks"}  # the explicit section's teacher, cnn, is not trained here
+    config = load_config(write_project(tmp_path, params))
+    assert list(config.params.models) == ["lstm"]
+    with pytest.raises(DlpipeError, match=r"distill\.teacher: 'cnn' is not in models \(lstm\)"):
+        stages.distill(config)
+    assert not config.paths.distill.exists()

@@ -86,6 +86,9 @@ def test_signal_stops_training_with_non_zero_exit_and_killed_run(tmp_path, signu
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore
+        # the default so that the training process handles Ctrl-C as it does in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for_epoch(process, config.paths.resume_dir("cnn"), 0)
     sent = time.monotonic()

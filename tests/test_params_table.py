@@ -136,7 +136,7 @@ VALUE_CASES = [
     ("train.cnn.optimizer.betas", [1.0, 0.999], "train.cnn.optimizer.betas.0"),
     ("train.cnn.optimizer.step_size", 3, "step_size/gamma"),
     # distillation: the teacher a classifier in models, the student a registered classifier, T > 0, alpha in [0, 1]
-    ("distill.teacher", "vgg99", "distill.teacher: 'vgg99' is not in models"),
+    ("distill.teacher", "vgg99", "distill.teacher: 'vgg99' has no train.vgg99 section"),
     ("distill.teacher", "lstm", "distill.teacher: 'lstm' is a forecaster"),
     ("distill.student", "tiny", "distill.student: unknown model 'tiny'"),
     ("distill.student", "lstm", "distill.student: 'lstm' is a forecaster"),

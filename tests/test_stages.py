@@ -243,5 +243,5 @@ def test_opset_the_exporter_cannot_write_is_refused(pipeline_run):
 
 def test_unknown_model_stage_raises(pipeline_run):
     config, _ = pipeline_run
-    with pytest.raises(DlpipeError, match="unknown model 'vgg'"):
-        stages.train(config, "vgg")
+    with pytest.raises(DlpipeError, match="unknown model 'vgg99'"):
+        stages.train(config, "vgg99")

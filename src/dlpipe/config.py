@@ -602,10 +602,14 @@ def _with_checked_models(params: Params, params_file: Path) -> Params:
     return params.model_copy(update={"train": checked})
 
 
-def check_distill(params: Params, params_file: Path) -> Params:
-    """The `distill` section against the rest: the teacher is a classifier in `models`, the student a
-    registered classifier whose `net` fits its builder (returned coerced to its type hints, as the models'
-    are). One-line DlpipeError naming the key."""
+def check_distill(params: Params, params_file: Path, running: bool = False) -> Params:
+    """The `distill` section against the rest: the teacher is a classifier with a `train` section, the
+    student a registered classifier whose `net` fits its builder (returned coerced to its type hints, as the
+    models' are). One-line DlpipeError naming the key.
+
+    `running`: the distill stage is about to run, so the teacher must also be in `models` (the pipeline
+    trains it). Loading params does not ask that: a project may train a subset of models (stocks only,
+    say) and run the stages it needs."""
     from dlpipe.models import get_spec
     from dlpipe.tasks import get_task
     from dlpipe.tasks.classifier import ClassifierTask
@@ -613,7 +617,12 @@ def check_distill(params: Params, params_file: Path) -> Params:
     # Distillation matches class probabilities: teacher and student are classifiers.
     classifier = ClassifierTask.name
     distill, where = params.distill, f"{params_file}: distill"
-    if distill.teacher not in params.models:
+    if distill.teacher not in params.train:
+        raise DlpipeError(
+            f"{where}.teacher: {distill.teacher!r} has no train.{distill.teacher} section "
+            f"(models with one: {', '.join(params.train)})"
+        )
+    if running and distill.teacher not in params.models:
         raise DlpipeError(
             f"{where}.teacher: {distill.teacher!r} is not in models ({', '.join(params.models)}); add it and train it"
         )

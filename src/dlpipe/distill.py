@@ -110,7 +110,7 @@ def compare(config: Config) -> Comparison:
     from dlpipe.tasks import get_task
     from dlpipe.tasks.classifier import IMAGE_META_KEYS, ClassifierTask
 
-    params = check_distill(config.params, config.params_file).distill  # a default section is checked here
+    params = check_distill(config.params, config.params_file, running=True).distill
     checkpoint = config.paths.checkpoint(params.teacher)
     if not checkpoint.is_file():
         raise DlpipeError(f"{checkpoint}: no teacher checkpoint; run `dlpipe train {params.teacher}` first")
