@@ -30,9 +30,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.stage == "models":
         from dlpipe.models import get_spec, list_models
 
-        for name in list_models():
+        names = list_models()
+        width = max(map(len, names))
+        for name in names:
             spec = get_spec(name)
-            print(f"{name:10s} {spec.task:11s} {spec.summary}")
+            print(f"{name:{width}s}  {spec.task:11s} {spec.summary}")
         return 0
     if args.stage in stages.MODEL_STAGES and not args.model:
         raise DlpipeError(f"stage {args.stage!r} needs a model name, e.g. `dlpipe {args.stage} cnn`")
