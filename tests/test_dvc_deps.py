@@ -43,7 +43,15 @@ DATA_READS = {
         "models/${key}/export.json",
         "data/${item}",
     ],
-    "report": ["reports/metrics", "reports/plots", "reports/figures/augment_preview.png"],
+    "report": [
+        "reports/metrics",
+        "reports/plots",
+        "reports/figures/augment_preview.png",
+        "reports/transfer",
+        "reports/distill",
+        "reports/cost/depthwise.json",
+        "reports/cost/depthwise.png",
+    ],
     "distill": ["data/images", "models/${distill.teacher}/best.ckpt"],
     "transfer": ["data/images/raw"],
 }

@@ -245,3 +245,10 @@ def test_unknown_model_stage_raises(pipeline_run):
     config, _ = pipeline_run
     with pytest.raises(DlpipeError, match="unknown model 'vgg99'"):
         stages.train(config, "vgg99")
+
+
+def test_report_says_which_recipes_have_not_run(pipeline_run):
+    config, _ = pipeline_run
+    page = config.paths.report_html.read_text()
+    for stage in ("transfer", "distill", "cost"):
+        assert f"Not run (<code>dlpipe {stage}</code>)" in page

@@ -34,7 +34,83 @@ def _cell(metrics: dict[str, Any], key: str, pattern: str) -> str:
     return "&ndash;" if value is None else html.escape(pattern.format(value))
 
 
-def render_html(summary: dict[str, dict[str, Any]], reports_dir: Path) -> str:
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(reports_dir: Path, image: Path, title: str) -> str:
+    if not image.is_file():
+        return ""
+    src = html.escape(str(image.relative_to(reports_dir)))
+    return f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def render_recipes(recipes: dict[str, dict[str, Any] | None], reports_dir: Path) -> str:
+    """The course's recipes beside the models: transfer learning, distillation, convolution cost. A recipe
+    whose stage has not run says so instead of disappearing."""
+    parts = ["<h2>Transfer learning</h2>"]
+    transfer = recipes.get("transfer")
+    if transfer:
+        modes = list(dict.fromkeys(row["mode"] for row in transfer["rows"]))
+        by_k: dict[int, dict[str, float]] = {}
+        for row in transfer["rows"]:
+            by_k.setdefault(row["k"], {})[row["mode"]] = row["test_accuracy"]
+        rows = [[str(k)] + [f"{accuracy[m]:.3f}" for m in modes] for k, accuracy in by_k.items()]
+        parts += [
+            f"<p>{html.escape(transfer['smallest_k']['answer'])}</p>",
+            _table(["k images a class", *(m.replace("_", " ") for m in modes)], rows),
+            _figure(reports_dir, reports_dir / "transfer" / "accuracy_vs_k.png", "accuracy vs k"),
+        ]
+    else:
+        parts.append("<p>Not run (<code>dlpipe transfer</code>).</p>")
+    parts.append("<h2>Knowledge distillation</h2>")
+    distill = recipes.get("distill")
+    if distill:
+        verdict = "helped" if distill["distillation_helped"] else "did not help"
+        parts += [
+            f"<p>Distillation {verdict}: {distill['accuracy_gain']:+.3f} test accuracy over the student trained "
+            f"alone (McNemar p = {distill['mcnemar_pvalue']:.3g}).</p>",
+            _table(
+                ["role", "model", "test accuracy", "parameters", "multiply-adds"],
+                [
+                    [r["role"], r["model"], f"{r['test_accuracy']:.4f}", f"{r['trainable_params']:,}"]
+                    + [f"{r['multiply_adds']:,}" if r.get("multiply_adds") is not None else "-"]
+                    for r in distill["rows"]
+                ],
+            ),
+        ]
+    else:
+        parts.append("<p>Not run (<code>dlpipe distill</code>).</p>")
+    parts.append("<h2>Standard vs depthwise separable convolution</h2>")
+    cost = recipes.get("cost")
+    if cost:
+        parts += [
+            _table(
+                ["M -> N", "H x W", "params ratio", "multiply-adds ratio", "1/N + 1/9", "measured time ratio"],
+                [
+                    [
+                        f"{r['in_channels']} -> {r['out_channels']}",
+                        f"{r['size']} x {r['size']}",
+                        f"{r['params_ratio']:.4f}",
+                        f"{r['multiply_adds_ratio']:.4f}",
+                        f"{r['textbook_ratio']:.4f}",
+                        f"{r['time_ratio']:.3f}",
+                    ]
+                    for r in cost["rows"]
+                ],
+            ),
+            _figure(reports_dir, reports_dir / "cost" / "depthwise.png", "depthwise separable vs standard"),
+        ]
+    else:
+        parts.append("<p>Not run (<code>dlpipe cost</code>).</p>")
+    return "\n".join(part for part in parts if part)
+
+
+def render_html(
+    summary: dict[str, dict[str, Any]], reports_dir: Path, recipes: dict[str, dict[str, Any] | None] | None = None
+) -> str:
     header = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in TABLE_COLUMNS)
     rows = "".join(
         f"<tr><th>{html.escape(model)}</th>"
@@ -68,11 +144,18 @@ figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ ma
 accuracy and errors through ONNX Runtime on the held-out test split.</p>
 <table><thead><tr><th>model</th>{header}</tr></thead><tbody>{rows}</tbody></table>
 <h2>Figures</h2>{gallery}
+{render_recipes(recipes or {}, reports_dir)}
 </body></html>
 """
 
 
-def write_report(summary: dict[str, dict[str, Any]], reports_dir: Path, summary_path: Path, html_path: Path) -> None:
+def write_report(
+    summary: dict[str, dict[str, Any]],
+    reports_dir: Path,
+    summary_path: Path,
+    html_path: Path,
+    recipes: dict[str, dict[str, Any] | None] | None = None,
+) -> None:
     write_json(summary_path, summary)
     with atomic_path(html_path) as tmp:
-        tmp.write_text(render_html(summary, reports_dir))
+        tmp.write_text(render_html(summary, reports_dir, recipes))

@@ -195,7 +195,16 @@ def report(config: Config) -> dict[str, Any]:
     from dlpipe.report import write_report
 
     summary = {model: read_json(config.paths.metrics(model)) for model in config.params.models}
-    write_report(summary, config.paths.reports, config.paths.summary, config.paths.report_html)
+    paths = config.paths
+    recipes = {
+        name: read_json(path) if path.is_file() else None
+        for name, path in (
+            ("transfer", paths.transfer_json),
+            ("distill", paths.distill_json),
+            ("cost", paths.depthwise_json),
+        )
+    }
+    write_report(summary, paths.reports, paths.summary, paths.report_html, recipes)
     return summary
 
 
