@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dlpipe.models.registry import count_trainable_parameters
+
 KERNEL = 3  # the comparison's kernel size: 3x3, as MobileNet's depthwise layers
 
 
@@ -50,7 +52,7 @@ def model_cost(module: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     """
     if example_input.shape[0] != 1:
         raise ValueError(f"example_input must hold one sample (batch 1), got shape {tuple(example_input.shape)}")
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    trainable = count_trainable_parameters(module)
     tensors = [*module.parameters(), *module.buffers()]
     on_cpu_fp32 = all(
         t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors

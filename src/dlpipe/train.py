@@ -39,7 +39,6 @@ from dlpipe.config import Config
 from dlpipe.cost import model_cost
 from dlpipe.errors import DlpipeError, Interrupted
 from dlpipe.io import write_json
-from dlpipe.models import count_trainable_parameters
 from dlpipe.tasks import task_of
 from dlpipe.training_callbacks import (
     AtomicCheckpointIO,
@@ -222,8 +221,8 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
     os.replace(checkpoint.best_model_path, target)  # same directory tree: an atomic rename
 
     run_id = logger.run_id
-    trainable_params = count_trainable_parameters(module.model)
-    multiply_adds = model_cost(module.model, _one_sample(task, module))["multiply_adds"]
+    cost = model_cost(module.model, _one_sample(task, module))
+    trainable_params, multiply_adds = cost["trainable_params"], cost["multiply_adds"]
     tracking.log_metrics(
         config,
         run_id,
