@@ -26,6 +26,9 @@ def tiny_params() -> dict:
     params["augment"]["preview_count"] = 4
     params["train"]["cnn"].update(epochs=1, batch_size=64)
     params["train"]["lstm"].update(epochs=1, window=10)
+    # Both committed tickers from 2008: ~1,300 days of MSFT, ~1,200 of GOOG; ARIMA's order fixed (no AIC search).
+    params["data"]["stocks"].update(start="2008-01-01")
+    params["evaluate"]["baselines"].update(arima_order=[1, 0, 0])
     params["evaluate"].update(latency_warmup=1, latency_runs=5)
     # 21 training images a class at this limit; a tiny ResNet trains ten times in seconds.
     transfer = {"net": {"depth": 8, "widths": [4, 8, 8]}, "shots": [2, 5], "pretrain_epochs": 1, "epochs": 2}

@@ -36,7 +36,7 @@ def _bad_project(tmp_path: Path, mutate) -> Path:
         (["train", "cnn"], lambda p: p["train"]["cnn"].update(epochs=-3), "train.cnn.epochs"),
         (["fetch_images"], lambda p: p["data"]["images"].update(source="imagenet21k"), "data.images.source"),
         (["fetch_stocks"], lambda p: p["data"]["stocks"].update(source="bloomberg"), "data.stocks.source"),
-        (["fetch_stocks"], lambda p: p["data"]["stocks"].update(ticker="ZZZZ"), "data.stocks.ticker"),
+        (["fetch_stocks"], lambda p: p["data"]["stocks"].update(tickers=["ZZZZ"]), "data.stocks.tickers"),
         (["export", "cnn"], lambda p: None, "models/cnn/train.json: file not found"),
         (["train"], lambda p: None, "needs a model name"),
         (["train", "cnn"], lambda p: p["train"]["cnn"]["net"].update(channels="abc"), "train.cnn.net.channels"),
@@ -79,7 +79,7 @@ def test_fetch_stocks_runs_from_the_cli(tmp_path):
     root = _bad_project(tmp_path, lambda p: None)
     result = dlpipe("fetch_stocks", cwd=root)
     assert result.returncode == 0, result.stderr
-    assert (root / "data" / "stocks" / "raw" / "prices.csv").is_file()
+    assert (root / "data" / "stocks" / "raw" / "GOOG.csv").is_file()
     assert "GOOG" in (root / "data" / "stocks" / "raw" / "meta.json").read_text()
 
 

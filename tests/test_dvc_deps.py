@@ -271,7 +271,7 @@ def test_dataset_dirs_hold_what_each_task_reads(tmp_path):
     from dlpipe.tasks import get_task, list_tasks
 
     paths = Paths(tmp_path)
-    reads = {"images": [paths.raw_images, paths.augmented], "stocks": [paths.raw_stocks, paths.prices]}
+    reads = {"images": [paths.raw_images, paths.augmented], "stocks": [paths.raw_stocks, paths.prices("GOOG")]}
     assert set(reads) == set(DATASETS)
     for dataset, files in reads.items():
         assert all(path.is_relative_to(paths.dataset(dataset)) for path in files)

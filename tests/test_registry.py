@@ -1,6 +1,7 @@
 """Every registered model through its task, parametrised over the registries: a model or task added to a
 registry is tested here without editing this file. Output shape, one optimisation step through the task's
-LightningModule in a real Trainer, ONNX parity at batch sizes 1 and 7, and a checkpoint round trip."""
+LightningModule in a real Trainer, ONNX parity at batch sizes 1, 7 and 64 (and two sequence lengths), and a
+checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -80,16 +81,21 @@ def test_one_training_step_through_the_task_changes_the_weights(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_onnx_export_matches_torch_at_batch_1_and_7(name, tmp_path):
+def test_onnx_export_matches_torch_at_batch_1_7_and_64(name, tmp_path):
     task, data_kwargs, module = build(name)
     rng = np.random.default_rng(1)
     target = tmp_path / f"{name}.onnx"
-    export_onnx(module, torch.from_numpy(task.synthetic_inputs(data_kwargs, 2, rng)), target, opset=18)
+    example = torch.from_numpy(task.synthetic_inputs(data_kwargs, 2, rng))
+    export_onnx(module, example, target, opset=18, dynamic_axes=task.dynamic_axes)
     session = create_session(target, ["cpu"])
-    for batch in (1, 7):
+    for batch in (1, 7, 64):
         inputs = task.synthetic_inputs(data_kwargs, batch, rng)
-        InputContract.of(session).check(inputs)
-        np.testing.assert_allclose(run_batched(session, inputs), run_torch(module, inputs), atol=1e-4, rtol=0)
+        cases = [inputs]
+        if 1 in task.dynamic_axes:  # a sequence model: twice the length it was exported with, too
+            cases.append(np.concatenate([inputs, task.synthetic_inputs(data_kwargs, batch, rng)], axis=1))
+        for case in cases:
+            InputContract.of(session).check(case)
+            np.testing.assert_allclose(run_batched(session, case), run_torch(module, case), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -58,9 +58,24 @@ class ImagesParams(_Strict):
 
 class StocksParams(_Strict):
     source: Literal["sample", "yfinance"]
-    ticker: str = Field(min_length=1)
+    tickers: Annotated[list[Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9.^=-]+$")]], Field(min_length=1)]
     start: dt.date | None = None
     end: dt.date | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_ticker(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "ticker" in values:
+            raise ValueError("`ticker` is now `tickers`, a list (e.g. tickers: [GOOG])")
+        return values
+
+    @field_validator("tickers")
+    @classmethod
+    def _upper_and_unique(cls, tickers: list[str]) -> list[str]:
+        upper = [t.upper() for t in tickers]  # Yahoo symbols are case-insensitive; files are named in capitals
+        if len(set(upper)) != len(upper):
+            raise ValueError(f"a ticker is listed twice: {', '.join(upper)}")
+        return upper
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -183,12 +198,25 @@ class TrainerParams(_Strict):
 class ExportParams(_Strict):
     opset: Annotated[int, Field(ge=17)] = 18
     parity_atol: PositiveFloat = 1e-4
+    # The exported graph is checked at each of these batch sizes (and, for sequence models, at two lengths).
+    parity_batches: Annotated[list[PositiveInt], Field(min_length=1)] = Field(default_factory=lambda: [1, 7, 64])
+
+
+class BaselineParams(_Strict):
+    """The forecasts every forecaster is judged against, on the same test days."""
+
+    moving_average_days: PositiveInt = 5
+    # [p, d, q] of the ARIMA on log returns, or null: the lowest AIC with p, q <= arima_max_order, d = 0.
+    arima_order: Annotated[list[Annotated[int, Field(ge=0, le=10)]], Field(min_length=3, max_length=3)] | None = None
+    arima_max_order: Annotated[int, Field(ge=0, le=5)] = 2
 
 
 class EvaluateParams(_Strict):
     latency_warmup: Annotated[int, Field(ge=0)] = 10
     latency_runs: PositiveInt = 100
     providers: list[Literal["cuda", "cpu"]] = Field(default_factory=lambda: ["cuda", "cpu"])
+    significance: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05  # level of the tests behind `skill: yes`
+    baselines: BaselineParams = Field(default_factory=BaselineParams)
 
 
 class MlflowParams(_Strict):
@@ -344,9 +372,8 @@ class Paths:
         """The integrity record (sha256, counts, provenance) each data stage writes into its output directory."""
         return directory / "meta.json"
 
-    @property
-    def prices(self) -> Path:
-        return self.raw_stocks / "prices.csv"
+    def prices(self, ticker: str) -> Path:
+        return self.raw_stocks / f"{ticker}.csv"
 
     @property
     def samples(self) -> Path:

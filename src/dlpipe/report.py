@@ -16,9 +16,9 @@ TABLE_COLUMNS = (
     ("test_accuracy", "test acc (torch)", "{:.4f}"),
     ("onnx_accuracy", "test acc (ONNX)", "{:.4f}"),
     ("macro_f1", "macro F1", "{:.4f}"),
-    ("rmse", "RMSE", "{:.3f}"),
-    ("persistence_rmse", "persistence RMSE", "{:.3f}"),
-    ("rmse_ratio_vs_persistence", "RMSE / persistence", "{:.3f}"),
+    ("rmse_ratio_vs_persistence", "RMSE / persistence", "{:.4f}"),
+    ("dm_pvalue", "Diebold-Mariano p", "{:.3g}"),
+    ("skill", "skill", "{}"),
     ("directional_accuracy", "direction acc", "{:.3f}"),
     ("onnx_max_abs_diff", "max |torch - ONNX|", "{:.2e}"),
     ("latency_ms_torch_b1_p50", "torch b1 p50 ms", "{:.3f}"),
@@ -45,6 +45,53 @@ def _figure(reports_dir: Path, image: Path, title: str) -> str:
         return ""
     src = html.escape(str(image.relative_to(reports_dir)))
     return f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def _forecast_row(scope: str, scores: dict[str, Any], baselines: dict[str, Any]) -> list[str]:
+    def number(value: Any, pattern: str) -> str:
+        return "-" if value is None else pattern.format(value)
+
+    return [
+        scope,
+        number(scores["rmse_ratio_vs_persistence"], "{:.4f}"),
+        number(scores["dm_pvalue"], "{:.3g}"),
+        scores["skill"],
+        number(scores.get("directional_accuracy"), "{:.3f}"),
+        number(scores.get("directional_pvalue"), "{:.3g}"),
+        number(baselines["moving_average"]["rmse_ratio_vs_persistence"], "{:.4f}"),
+        number(baselines["arima"]["rmse_ratio_vs_persistence"], "{:.4f}"),
+    ]
+
+
+def render_forecasts(summary: dict[str, dict[str, Any]]) -> str:
+    """The forecasters judged: per model, pooled and per ticker, against persistence with the Diebold-Mariano
+    test, and the baselines' ratios on the same days; one verdict line each."""
+    forecasters = {model: m for model, m in summary.items() if "tickers" in m and "skill" in m}
+    if not forecasters:
+        return ""
+    header = [
+        "model on",
+        "RMSE / persistence",
+        "DM p",
+        "skill",
+        "direction acc",
+        "direction p (vs 50%)",
+        "moving average / persistence",
+        "ARIMA / persistence",
+    ]
+    rows, verdicts = [], []
+    for model, metrics in forecasters.items():
+        rows.append(_forecast_row(f"{model}: all tickers (log returns)", metrics, metrics["baselines"]))
+        verdicts.append(metrics["verdict"])
+        for ticker, scores in metrics["tickers"].items():
+            rows.append(_forecast_row(f"{model}: {ticker}", scores, scores["baselines"]))
+            verdicts.append(scores["verdict"])
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in verdicts)
+    return (
+        "<h2>Stock forecasts: skill over persistence?</h2><p>Same test days for every model and baseline; "
+        "<em>skill</em> only when the RMSE is lower and the Diebold-Mariano test (Harvey-Leybourne-Newbold "
+        "correction) rejects equal accuracy.</p>" + _table(header, rows) + f"<ul>{items}</ul>"
+    )
 
 
 def render_recipes(recipes: dict[str, dict[str, Any] | None], reports_dir: Path) -> str:
@@ -143,6 +190,7 @@ figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ ma
 <p>Metrics from <code>reports/metrics/&lt;model&gt;.json</code>;
 accuracy and errors through ONNX Runtime on the held-out test split.</p>
 <table><thead><tr><th>model</th>{header}</tr></thead><tbody>{rows}</tbody></table>
+{render_forecasts(summary)}
 <h2>Figures</h2>{gallery}
 {render_recipes(recipes or {}, reports_dir)}
 </body></html>

@@ -204,16 +204,28 @@ def log_artifact(config: Config, run_id: str, path: Path, artifact_path: str) ->
     client(config).log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as one level, keys joined by "/" (tickers/GOOG/rmse): MLflow's names for groups."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}/")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
-    from mlflow.entities import Metric
+    """Numbers as MLflow metrics; short strings (a verdict, `skill: yes|no`, the provider) as run tags."""
+    from mlflow.entities import Metric, RunTag
 
     stamp = int(time.time() * 1000)
+    flat = flatten(metrics)
     numeric = [
-        Metric(k, float(v), stamp, 0)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        Metric(k, float(v), stamp, 0) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)
     ]
-    client(config).log_batch(run_id, metrics=numeric)
+    tags = [RunTag(k, v) for k, v in flat.items() if isinstance(v, str) and len(v) <= 5000]
+    client(config).log_batch(run_id, metrics=numeric, tags=tags)
 
 
 def register_onnx(

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlpipe.data.images import load_split
-from dlpipe.data.stocks import Windows, make_windows, read_prices, split_chronological
+from dlpipe.data.stocks import FEATURES, StockData, load_stock_data, ticker_inputs
 
 
 class _SplitLoaders(L.LightningDataModule):
@@ -62,26 +62,34 @@ class ImageDataModule(_SplitLoaders):
 
 
 class StockWindowDataModule(_SplitLoaders):
-    """Sliding windows of daily features -> next-day log return, split chronologically."""
+    """Windows of daily features -> next-day log return, every fetched ticker pooled; each ticker split
+    chronologically (dlpipe.data.stocks.split_windows). Inputs carry the ticker columns."""
 
-    def __init__(self, prices_csv: Path, window: int, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, raw_dir: Path, window: int, batch_size: int, num_workers: int = 0) -> None:
         super().__init__()
-        self.prices_csv, self.window = Path(prices_csv), window
+        self.raw_dir, self.window = Path(raw_dir), window
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.splits: dict[str, Windows] = {}
+        self.data: StockData | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            self.splits = split_chronological(make_windows(read_prices(self.prices_csv), self.window))
+    def setup(self, stage: str | None = None) -> StockData:
+        if self.data is None:
+            self.data = load_stock_data(self.raw_dir, self.window)
+        return self.data
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        windows = self.splits[split]
-        dataset = TensorDataset(torch.from_numpy(windows.x), torch.from_numpy(windows.y))
+        data = self.setup()
+        windows = data.pooled(split)
+        inputs = ticker_inputs(windows, len(data.tickers))
+        dataset = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(windows.y))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """Mean/std of the inputs (per feature) and of the target, from the training split only."""
-        self.setup()
-        train = self.splits["train"]
-        flat = train.x.reshape(-1, train.x.shape[-1])
-        return flat.mean(0), flat.std(0), float(train.y.mean()), float(train.y.std())
+        """Mean/std of the inputs (per column) and of the target, from the training split only. The ticker
+        columns keep mean 0 and std 1: a one-hot code is fed as it is."""
+        data = self.setup()
+        train = data.pooled("train")
+        flat = train.x.reshape(-1, len(FEATURES))
+        n_tickers = len(data.tickers)
+        mean = np.concatenate([flat.mean(0), np.zeros(n_tickers, np.float32)])
+        std = np.concatenate([flat.std(0), np.ones(n_tickers, np.float32)])
+        return mean, std, float(train.y.mean()), float(train.y.std())

@@ -28,15 +28,20 @@ FEATURE_FORMULAS = {
 }
 FEATURES = tuple(FEATURE_FORMULAS)
 MIN_ROWS = 60
-# Chronological split of the windows: the model never trains on days after those it is evaluated on.
+# Chronological split of each ticker's days: the model never trains on days after those it is evaluated
+# on, and windows never cross a boundary (see `part_bounds`).
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+SPLITS = tuple(SPLIT_FRACTIONS)
+MIN_SPLIT_SAMPLES = 10  # fewer windows than this in a split cannot train, validate or test anything
 
 
-def read_sample(samples_dir: Path, params: StocksParams) -> pd.DataFrame:
-    path = samples_dir / "stocks" / f"{params.ticker.upper()}.csv"
+def read_sample(samples_dir: Path, ticker: str) -> pd.DataFrame:
+    path = samples_dir / "stocks" / f"{ticker}.csv"
     if not path.is_file():
         available = sorted(p.stem for p in (samples_dir / "stocks").glob("*.csv"))
-        raise DlpipeError(f"data.stocks.ticker: no committed sample for {params.ticker!r} (available: {', '.join(available)})")
+        raise DlpipeError(
+            f"data.stocks.tickers: no committed sample for {ticker!r} (available: {', '.join(available)})"
+        )
     frame = _read_csv(path)
     frame = frame.rename(columns={frame.columns[0]: "Date"})
     return frame
@@ -46,15 +51,25 @@ def _iso(day) -> str | None:
     return day.isoformat() if day else None
 
 
-def download_yfinance(params: StocksParams) -> pd.DataFrame:
+def download_yfinance(params: StocksParams, ticker: str) -> pd.DataFrame:
     import yfinance as yf
 
     try:
-        frame = yf.download(params.ticker, start=_iso(params.start), end=_iso(params.end), interval="1d", auto_adjust=True, progress=False, threads=False)
+        frame = yf.download(
+            ticker,
+            start=_iso(params.start),
+            end=_iso(params.end),
+            interval="1d",
+            auto_adjust=True,
+            progress=False,
+            threads=False,
+        )
     except Exception as exc:  # noqa: BLE001 - transport errors become one clear line
-        raise DlpipeError(f"yfinance download of {params.ticker!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise DlpipeError(f"yfinance download of {ticker!r} failed: {type(exc).__name__}: {exc}") from exc
     if frame is None or frame.empty:
-        raise DlpipeError(f"data.stocks.ticker: yfinance returned no rows for {params.ticker!r} ({params.start}..{params.end})")
+        raise DlpipeError(
+            f"data.stocks.tickers: yfinance returned no rows for {ticker!r} ({params.start}..{params.end})"
+        )
     if isinstance(frame.columns, pd.MultiIndex):  # (field, ticker) columns for one or more tickers
         frame = frame.xs(frame.columns.get_level_values(1)[0], axis=1, level=1)
     return frame.reset_index().rename(columns={"index": "Date", "Datetime": "Date"})
@@ -72,7 +87,7 @@ def _date_and_price_columns(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     return frame
 
 
-def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> pd.DataFrame:
+def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams, ticker: str) -> pd.DataFrame:
     """Normalise to Date + OHLCV, filter to [start, end], and reject data a model must not train on."""
     frame = _date_and_price_columns(frame, origin).sort_values("Date")
     if params.start:
@@ -83,7 +98,9 @@ def validate_prices(frame: pd.DataFrame, origin: str, params: StocksParams) -> p
         raise DlpipeError(f"{origin}: duplicate date {frame.loc[frame['Date'].duplicated(), 'Date'].iloc[0].date()}")
     frame[list(PRICE_COLUMNS)] = check_price_values(frame, origin)
     if len(frame) < MIN_ROWS:
-        raise DlpipeError(f"data.stocks: only {len(frame)} rows for {params.ticker!r} between start and end; need at least {MIN_ROWS}")
+        raise DlpipeError(
+            f"data.stocks: only {len(frame)} rows for {ticker!r} between start and end; need at least {MIN_ROWS}"
+        )
     return frame.reset_index(drop=True)
 
 
@@ -128,40 +145,79 @@ def make_features(prices: pd.DataFrame) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Windows:
-    x: np.ndarray  # (N, window, F) float32
-    y: np.ndarray  # (N, 1) float32: next-day close log return
+    x: np.ndarray  # (N, window, F) float32: the features of the `window` days before the target day
+    y: np.ndarray  # (N, 1) float32: the target day's close log return
     last_close: np.ndarray  # (N,) close on the window's last day: the persistence forecast
     next_close: np.ndarray  # (N,) the close to predict
     dates: np.ndarray  # (N,) date of the predicted close
+    target_days: np.ndarray  # (N,) int: row of the predicted day in the price table
+    ticker: np.ndarray  # (N,) int: index of the ticker (in the fetched order) the window belongs to
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
-def make_windows(prices: pd.DataFrame, window: int) -> Windows:
-    features = make_features(prices)
+def part_bounds(n_days: int) -> dict[str, tuple[int, int]]:
+    """Each split's days [first, end) of a price table of `n_days` rows, oldest first."""
+    train_end = int(n_days * SPLIT_FRACTIONS["train"])
+    val_end = train_end + int(n_days * SPLIT_FRACTIONS["val"])
+    return {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, n_days)}
+
+
+def make_windows(prices: pd.DataFrame, window: int, days: tuple[int, int] | None = None, ticker: int = 0) -> Windows:
+    """Every window whose days all lie in `days` [first, end) (default: the whole table).
+
+    The sample for target day d reads the features of days d-window .. d-1; each of them is a change from
+    the day before, so the earliest close it touches is day d-window-1. Requiring that close to lie in
+    `days` too keeps the windows of one split from reading another split's days: consecutive splits are
+    separated by window+1 target days, and no input ever comes from the target day or later.
+    """
+    first, end = days if days is not None else (0, len(prices))
+    features = make_features(prices)  # row j describes day j+1
     close = prices["Close"].to_numpy(np.float64)
     dates = prices["Date"].to_numpy()
-    count = len(features) - window  # window of feature rows [i, i+window) predicts feature row i+window
-    if count < 10:
-        raise DlpipeError(f"train.*.window: window {window} leaves {max(count, 0)} samples from {len(prices)} days")
-    x = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)[:count].transpose(0, 2, 1)
-    targets = np.arange(count) + window  # feature row index of the predicted day
+    target_days = np.arange(first + window + 1, end)
+    if len(target_days) < MIN_SPLIT_SAMPLES:
+        raise DlpipeError(
+            f"train.*.window: window {window} leaves {len(target_days)} samples from {end - first} days"
+            f" (need at least {MIN_SPLIT_SAMPLES})"
+        )
+    starts = target_days - window - 1  # feature row of day d-window
+    x = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)[starts].transpose(0, 2, 1)
     return Windows(
         x=np.ascontiguousarray(x, dtype=np.float32),
-        y=features[targets, 0:1].copy(),
-        last_close=close[targets],  # feature row j is day j+1, so day `targets` is the window's last day
-        next_close=close[targets + 1],
-        dates=dates[targets + 1],
+        y=features[target_days - 1, 0:1].copy(),
+        last_close=close[target_days - 1],
+        next_close=close[target_days],
+        dates=dates[target_days],
+        target_days=target_days,
+        ticker=np.full(len(target_days), ticker, dtype=np.int64),
     )
 
 
-def split_chronological(windows: Windows) -> dict[str, Windows]:
-    n = len(windows.y)
-    train_end = int(n * SPLIT_FRACTIONS["train"])
-    val_end = train_end + int(n * SPLIT_FRACTIONS["val"])
-    bounds = {"train": slice(0, train_end), "val": slice(train_end, val_end), "test": slice(val_end, n)}
-    return {
-        name: Windows(windows.x[s], windows.y[s], windows.last_close[s], windows.next_close[s], windows.dates[s])
-        for name, s in bounds.items()
-    }
+def split_windows(prices: pd.DataFrame, window: int, ticker: int = 0, name: str = "") -> dict[str, Windows]:
+    """The train, val and test windows of one ticker, each inside its own chronological part."""
+    splits = {}
+    for split, days in part_bounds(len(prices)).items():
+        try:
+            splits[split] = make_windows(prices, window, days, ticker)
+        except DlpipeError as exc:
+            raise DlpipeError(f"{exc} in the {split} split of {name or 'the prices'}") from None
+    return splits
+
+
+def concatenate(parts: list[Windows]) -> Windows:
+    """Windows of several tickers as one set (the fields concatenated in order)."""
+    fields = Windows.__dataclass_fields__
+    return Windows(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in fields})
+
+
+def ticker_inputs(windows: Windows, n_tickers: int) -> np.ndarray:
+    """The model's input: the window's features followed by one column per ticker, 1 on every day for the
+    window's own ticker and 0 for the others (float32, (N, window, F + n_tickers))."""
+    one_hot = np.eye(n_tickers, dtype=np.float32)[windows.ticker]  # (N, K)
+    repeated = np.broadcast_to(one_hot[:, None, :], (len(windows), windows.x.shape[1], n_tickers))
+    return np.concatenate([windows.x, repeated], axis=2)
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
@@ -172,14 +228,44 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
         raise DlpipeError(f"{path}: not a readable price CSV ({first})") from exc
 
 
-def read_prices(path: Path) -> pd.DataFrame:
-    """The prices fetch_stocks wrote, checked against the sha256 in its meta.json and re-validated, so an
-    edited or damaged file is refused by name instead of training a NaN model."""
+STOCK_META_KEYS = ("sha256", "tickers", "files", "source")  # what later stages read from fetch_stocks' meta.json
+
+
+def read_stock_meta(raw_dir: Path) -> dict:
+    return read_json(raw_dir / "meta.json", required=STOCK_META_KEYS)
+
+
+def read_prices(raw_dir: Path, ticker: str) -> pd.DataFrame:
+    """The prices of `ticker` fetch_stocks wrote, checked against the sha256 in its meta.json and
+    re-validated, so an edited or damaged file is refused by name instead of training a NaN model."""
+    meta = read_stock_meta(raw_dir)
+    if ticker not in meta["files"]:
+        raise DlpipeError(f"{raw_dir / 'meta.json'}: no prices for {ticker!r} (fetched: {', '.join(meta['files'])})")
+    path = raw_dir / meta["files"][ticker]["file"]
     if not path.is_file():
         raise DlpipeError(f"{path}: file not found (run fetch_stocks first)")
-    expected = read_json(path.parent / "meta.json", required=("sha256",))["sha256"]
+    expected = meta["files"][ticker]["sha256"]
     if sha256_file(path) != expected:
         raise DlpipeError(f"{path}: changed since fetch_stocks wrote it (sha256 differs from meta.json); rerun it")
     frame = _date_and_price_columns(_read_csv(path), str(path))
     frame[list(PRICE_COLUMNS)] = check_price_values(frame, str(path))
     return frame
+
+
+@dataclass(frozen=True)
+class StockData:
+    """Every fetched ticker's prices and its train/val/test windows for one window length."""
+
+    tickers: list[str]  # in fetch order: the order of the model's ticker columns
+    prices: dict[str, pd.DataFrame]
+    splits: dict[str, dict[str, Windows]]  # ticker -> split -> windows
+
+    def pooled(self, split: str) -> Windows:
+        return concatenate([self.splits[ticker][split] for ticker in self.tickers])
+
+
+def load_stock_data(raw_dir: Path, window: int) -> StockData:
+    tickers = list(read_stock_meta(raw_dir)["tickers"])
+    prices = {ticker: read_prices(raw_dir, ticker) for ticker in tickers}
+    splits = {ticker: split_windows(prices[ticker], window, i, ticker) for i, ticker in enumerate(tickers)}
+    return StockData(tickers, prices, splits)

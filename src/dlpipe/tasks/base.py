@@ -54,6 +54,7 @@ class Task(ABC):
     promotion: ClassVar[tuple[str, bool]]  # metric that decides the `champion` alias; True: higher is better
     metric_keys: ClassVar[tuple[str, ...]]  # keys `evaluate` adds to reports/metrics/<model>.json
     input_range: ClassVar[tuple[float, float] | None] = None  # value range of the exported input, if bounded
+    dynamic_axes: ClassVar[dict[int, str]] = {0: "batch"}  # exported input axes of any size
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -73,6 +74,10 @@ class Task(ABC):
     def wrap(self, net: nn.Module, data_kwargs: dict[str, Any]) -> nn.Module:
         """The module that is exported: `net` plus the task's scaling, so the ONNX graph takes raw inputs."""
 
+    def network(self, net_spec: dict[str, Any]) -> nn.Module:
+        """The bare network a checkpoint's `net_spec` describes (`name` and builder `kwargs`)."""
+        return get_model(net_spec["name"], **net_spec["kwargs"])
+
     # -------------------------------------------------------------------------------------------- export
 
     def load_exported(self, checkpoint: Path) -> nn.Module:
@@ -83,7 +88,7 @@ class Task(ABC):
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             spec = state["hyper_parameters"]["net_spec"]
-            module = self.wrap(get_model(spec["name"], **spec["kwargs"]), spec["kwargs"])
+            module = self.wrap(self.network(spec), spec["kwargs"])
             weights = {
                 k.removeprefix(EXPORTED_PREFIX): v
                 for k, v in state["state_dict"].items()
@@ -98,6 +103,12 @@ class Task(ABC):
     @abstractmethod
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         """Real inputs (float32, at most a few hundred) for the export parity check and latency."""
+
+    def parity_inputs(self, config: Config, model: str) -> dict[str, np.ndarray]:
+        """Named batches of real inputs the exported graph must match PyTorch on (export.parity_batches)."""
+        from dlpipe.export import batch_cases
+
+        return batch_cases(self.reference_inputs(config, model), config.params.export.parity_batches)
 
     @abstractmethod
     def contract(self, config: Config, model: str) -> dict[str, str]:

@@ -1,8 +1,11 @@
-"""Next-day forecasting: a window of daily features -> the next day's close log return.
+"""Next-day forecasting: a window of daily features of one ticker -> the next day's close log return.
 
-The loss is MSE on the standardised target; RMSE in log-return units is logged. The exported graph takes
-raw features (B, T, F) and returns the log return (B, 1): feature standardisation and the target scale are
-part of it. Judged against persistence (tomorrow's close = today's) on the same test days.
+Every fetched ticker trains one model (`train.<model>.tickers`: one shared network with the ticker as an
+input, or one network per ticker inside the same graph). The loss is MSE or Huber on the standardised
+target; RMSE in log-return units is logged. The exported graph takes raw features plus the ticker columns
+(B, T, F + K) and returns the log return (B, 1): feature standardisation and the target scale are part of
+it, and the window length T is dynamic. Judged on each ticker's test days against persistence, a moving
+average and ARIMA (dlpipe.tasks.forecaster_judgement).
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 from torch import nn
 
-from dlpipe import plots
 from dlpipe.config import Config, TrainParams
-from dlpipe.data.stocks import FEATURE_FORMULAS, FEATURES, Windows, make_windows, read_prices, split_chronological
-from dlpipe.io import read_json
+from dlpipe.data.stocks import FEATURE_FORMULAS, FEATURES, StockData, load_stock_data, read_stock_meta, ticker_inputs
+from dlpipe.errors import DlpipeError
 from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
 from dlpipe.runtime import run_batched
@@ -29,10 +30,29 @@ from dlpipe.tasks.base import Task, register_task
 if TYPE_CHECKING:
     import lightning as L
 
+REFERENCE_ROWS = 256  # real test windows kept for the parity check and latency (spread over the tickers)
+
 
 class ForecasterParams(TrainParams):
     task: Literal["forecaster"]
     window: Annotated[int, Field(ge=2)]  # trading days the model sees to predict the next one
+    tickers: Literal["shared", "per_ticker"] = "shared"  # one network for all tickers, or one per ticker
+    loss: Literal["mse", "huber"] = "mse"
+    huber_delta: PositiveFloat = 1.0  # in standard deviations of the training target
+
+
+class PerTickerNetworks(nn.Module):
+    """One network per ticker in one graph: each sample's forecast comes from its own ticker's network,
+    selected by the one-hot ticker columns at the end of the input (B, T, F + K) -> (B, 1)."""
+
+    def __init__(self, networks: list[nn.Module]) -> None:
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        forecasts = torch.cat([network(x) for network in self.networks], dim=1)  # (B, K)
+        selector = x[:, -1, -len(self.networks) :]  # (B, K) one-hot: 1 for the sample's own ticker
+        return (forecasts * selector).sum(dim=1, keepdim=True)
 
 
 class ScaledForecaster(nn.Module):
@@ -55,14 +75,10 @@ class ScaledForecaster(nn.Module):
         self.target_std.fill_(max(std, 1e-6))
 
     def forward_standardized(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.standardize(x))  # (B, T, F) -> (B, 1), in target standard deviations
+        return self.net(self.standardize(x))  # (B, T, F + K) -> (B, 1), in target standard deviations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_standardized(x) * self.target_std + self.target_mean  # (B, 1) log return
-
-
-# What the forecaster reads from fetch_stocks' meta.json.
-STOCK_META_KEYS = ("sha256", "ticker", "origin")
 
 
 @register_task
@@ -71,24 +87,37 @@ class ForecasterTask(Task):
     params_type = ForecasterParams
     dataset = "stocks"
     data_kwargs = ("n_features",)
+    dynamic_axes = {0: "batch", 1: "window"}
     monitor = ("val/loss", "min")
+    # Pooled over the tickers, in log-return units (scale-free): below 1 beats tomorrow = today.
     promotion = ("rmse_ratio_vs_persistence", False)
-    metric_keys = ("rmse", "mae", "directional_accuracy", "persistence_rmse", "rmse_ratio_vs_persistence")
+    metric_keys = ("rmse_ratio_vs_persistence", "dm_pvalue", "skill", "verdict", "directional_accuracy", "tickers")
 
     # ------------------------------------------------------------------------------------------ training
 
     def data_fingerprint(self, config: Config) -> str:
-        return read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)["sha256"]
+        return read_stock_meta(config.paths.raw_stocks)["sha256"]
+
+    def network(self, net_spec: dict[str, Any]) -> nn.Module:
+        if net_spec.get("ticker_mode") == "per_ticker":
+            return PerTickerNetworks([get_model(net_spec["name"], **net_spec["kwargs"]) for _ in net_spec["tickers"]])
+        return get_model(net_spec["name"], **net_spec["kwargs"])
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         train = config.train_params(model)
         from dlpipe.data.datamodules import StockWindowDataModule
 
         datamodule = StockWindowDataModule(
-            config.paths.prices, train.window, train.batch_size, config.params.trainer.num_workers
+            config.paths.raw_stocks, train.window, train.batch_size, config.params.trainer.num_workers
         )
-        kwargs = {"n_features": len(FEATURES), **train.net}
-        module = self.lightning_module(get_model(model, **kwargs), {"name": model, "kwargs": kwargs}, train)
+        tickers = datamodule.setup().tickers
+        spec = {
+            "name": model,
+            "kwargs": {"n_features": len(FEATURES) + len(tickers), **train.net},
+            "tickers": tickers,
+            "ticker_mode": train.tickers,
+        }
+        module = self.lightning_module(self.network(spec), spec, train)
         mean, std, target_mean, target_std = datamodule.feature_stats()
         module.model.standardize.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
         module.model.set_target_stats(target_mean, target_std)
@@ -99,7 +128,13 @@ class ForecasterTask(Task):
         from dlpipe.tasks.forecaster_training import ForecasterModule
 
         return ForecasterModule(
-            wrapped, net_spec, train.window, train.optimizer.model_dump(exclude_unset=True), train.epochs
+            wrapped,
+            net_spec,
+            train.window,
+            train.optimizer.model_dump(exclude_unset=True),
+            train.epochs,
+            getattr(train, "loss", "mse"),
+            getattr(train, "huber_delta", 1.0),
         )
 
     def wrap(self, net: nn.Module, data_kwargs: dict[str, Any]) -> nn.Module:
@@ -107,36 +142,60 @@ class ForecasterTask(Task):
 
     # -------------------------------------------------------------------------------------------- export
 
-    def _test_windows(self, config: Config, model: str) -> Windows:
-        return split_chronological(make_windows(read_prices(config.paths.prices), config.train_params(model).window))[
-            "test"
-        ]
+    def stock_data(self, config: Config, model: str, window: int | None = None) -> StockData:
+        return load_stock_data(config.paths.raw_stocks, window or config.train_params(model).window)
+
+    @staticmethod
+    def _spread(inputs: np.ndarray, rows: int = REFERENCE_ROWS) -> np.ndarray:
+        """`rows` inputs evenly spaced over the test period of every ticker (not only the first one's)."""
+        return inputs[np.linspace(0, len(inputs) - 1, min(rows, len(inputs))).astype(int)]
 
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
-        return self._test_windows(config, model).x[:256]
+        data = self.stock_data(config, model)
+        return self._spread(ticker_inputs(data.pooled("test"), len(data.tickers)))
+
+    def parity_inputs(self, config: Config, model: str) -> dict[str, np.ndarray]:
+        """Every batch size at the trained window and at twice it: the graph's sequence axis is dynamic, and
+        a longer sequence is where a recurrent graph's rounding accumulates."""
+        from dlpipe.export import batch_cases
+
+        window, batches = config.train_params(model).window, config.params.export.parity_batches
+        cases = batch_cases(self.reference_inputs(config, model), batches, f", window {window}")
+        try:
+            longer = self.stock_data(config, model, 2 * window)
+        except DlpipeError as exc:  # a test split too short for the long windows: say so, do not skip silently
+            raise DlpipeError(f"export parity at window {2 * window}: {exc}") from None
+        inputs = self._spread(ticker_inputs(longer.pooled("test"), len(longer.tickers)))
+        return cases | batch_cases(inputs, batches, f", window {2 * window}")
 
     def contract(self, config: Config, model: str) -> dict[str, str]:
         window = config.train_params(model).window
+        tickers = read_stock_meta(config.paths.raw_stocks)["tickers"]
+        n_inputs = len(FEATURES) + len(tickers)
         return {
             "input": (
-                f"float32 [batch, {window}, {len(FEATURES)}]: the last {window} trading days, oldest first, one row "
-                "per day with the features of dlpipe.features in that order (not raw prices)"
+                f"float32 [batch, window, {n_inputs}] (trained with window {window}; any length works): the last "
+                f"trading days of one ticker, oldest first, one row per day with the features of dlpipe.features "
+                f"in that order (not raw prices), then one column per ticker of dlpipe.tickers, 1 for the "
+                f"window's ticker and 0 for the others"
             ),
             "output": (
                 "float32 [batch, 1] predicted log return of the next close, log(close[t+1] / close[t]); "
                 "predicted close = close[t] * exp(output)"
             ),
             "features": json.dumps([{"name": name, "formula": f} for name, f in FEATURE_FORMULAS.items()]),
+            "tickers": json.dumps(tickers),
             "window": str(window),
         }
 
     def evaluation_data(self, config: Config, model: str) -> dict[str, Any]:
-        meta = read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)
-        # The test windows are the last days of the price file: its hash and the window fix them.
+        meta = read_stock_meta(config.paths.raw_stocks)
+        # The test windows are the last days of each price file: the files' hash and the window fix them.
         return {
-            "source": meta["origin"],
+            "source": meta["source"],
+            "tickers": meta["tickers"],
             "test_sha256": meta["sha256"],
-            "input_shape": [config.train_params(model).window, len(FEATURES)],
+            "input_shape": [config.train_params(model).window, len(FEATURES) + len(meta["tickers"])],
         }
 
     # ------------------------------------------------------------------------------------------ evaluate
@@ -145,72 +204,29 @@ class ForecasterTask(Task):
         self, config: Config, model: str, network: nn.Module, session: Any
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         from dlpipe.export import run_torch
+        from dlpipe.tasks.forecaster_judgement import judge
 
-        test = self._test_windows(config, model)
-        torch_return = run_torch(network, test.x)[:, 0]
-        onnx_return = run_batched(session, test.x)[:, 0]
-        predicted_close = test.last_close * np.exp(onnx_return.astype(np.float64))
-        errors = predicted_close - test.next_close
-        persistence_errors = test.last_close - test.next_close  # tomorrow's close = today's close
-        rmse = float(np.sqrt(np.mean(errors**2)))
-        persistence_rmse = float(np.sqrt(np.mean(persistence_errors**2)))
-        actual_return = test.y[:, 0]
-        moved = actual_return != 0  # a flat day has no direction to get right
-        metrics = {
-            "rmse": rmse,
-            "mae": float(np.mean(np.abs(errors))),
-            "persistence_rmse": persistence_rmse,
-            "rmse_ratio_vs_persistence": rmse / persistence_rmse,
-            "directional_accuracy": float(np.mean(np.sign(onnx_return[moved]) == np.sign(actual_return[moved]))),
-            "onnx_max_abs_diff": float(np.abs(torch_return - onnx_return).max()),
-            "test_samples": int(len(actual_return)),
-        }
-        ticker = read_json(config.paths.meta(config.paths.raw_stocks), required=STOCK_META_KEYS)["ticker"]
-        outputs = {
-            "dates": test.dates,
-            "actual": test.next_close,
-            "predicted": predicted_close,
-            "persistence": test.last_close,
-            "ticker": ticker,
-        }
+        data = self.stock_data(config, model)
+        predicted_returns, max_diff = {}, 0.0
+        for ticker in data.tickers:
+            inputs = ticker_inputs(data.splits[ticker]["test"], len(data.tickers))
+            onnx_return = run_batched(session, inputs)[:, 0].astype(np.float64)
+            torch_return = run_torch(network, inputs)[:, 0]
+            max_diff = max(max_diff, float(np.abs(torch_return - onnx_return).max()))
+            predicted_returns[ticker] = onnx_return
+        metrics, outputs = judge(model, data, predicted_returns, config.params.evaluate)
+        metrics["onnx_max_abs_diff"] = max_diff
         return metrics, outputs
 
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
-        plt = plots.pyplot()
-        dates = pd.to_datetime(outputs["dates"])
-        figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=(3, 1))
-        top.plot(dates, outputs["actual"], label="actual close", color="black", linewidth=1)
-        top.plot(dates, outputs["predicted"], label="model (ONNX Runtime)", linewidth=1)
-        top.plot(
-            dates,
-            outputs["persistence"],
-            label="persistence (yesterday's close)",
-            linewidth=0.8,
-            linestyle="--",
-            alpha=0.7,
-        )
-        top.set_ylabel("price")
-        top.legend(fontsize=8)
-        top.set_title(f"{model}: next-day close of {outputs['ticker']}, test period")
-        bottom.plot(dates, outputs["predicted"] - outputs["actual"], label="model error", linewidth=0.8)
-        bottom.plot(
-            dates, outputs["persistence"] - outputs["actual"], label="persistence error", linewidth=0.8, alpha=0.7
-        )
-        bottom.axhline(0, color="black", linewidth=0.5)
-        bottom.set_ylabel("error")
-        bottom.legend(fontsize=8)
-        plots.save_figure(figure, directory / "forecast.png")
-        columns = {
-            "actual": outputs["actual"],
-            "predicted": outputs["predicted"],
-            "persistence": outputs["persistence"],
-        }
-        plots.save_csv(pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), **columns}), directory / "forecast.csv")
+        from dlpipe.tasks.forecaster_judgement import plot_forecasts
+
+        plot_forecasts(model, outputs, directory)
 
     # ------------------------------------------------------------------- synthetic data (tests, benchmarks)
 
     def example_data_kwargs(self) -> dict[str, Any]:
-        return {"n_features": len(FEATURES)}
+        return {"n_features": len(FEATURES) + 2}  # two tickers, as the offline default
 
     def synthetic_inputs(self, data_kwargs: dict[str, Any], batch: int, rng: np.random.Generator) -> np.ndarray:
         window = self.synthetic_train_params()["window"]

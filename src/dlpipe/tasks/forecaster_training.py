@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
 class ForecasterModule(L.LightningModule):
     def __init__(
-        self, model: ScaledForecaster, net_spec: dict[str, Any], window: int, optimizer: dict[str, Any], epochs: int
+        self,
+        model: ScaledForecaster,
+        net_spec: dict[str, Any],
+        window: int,
+        optimizer: dict[str, Any],
+        epochs: int,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -35,8 +42,14 @@ class ForecasterModule(L.LightningModule):
         windows, target = batch
         standardized = self.model.forward_standardized(windows)  # (B, 1)
         scaled_target = (target - self.model.target_mean) / self.model.target_std
-        loss = nn.functional.mse_loss(standardized, scaled_target)
-        rmse = torch.sqrt(loss) * self.model.target_std.squeeze()  # natural log-return units
+        if self.hparams.loss == "huber":
+            loss = nn.functional.huber_loss(standardized, scaled_target, delta=self.hparams.huber_delta)
+        else:
+            loss = nn.functional.mse_loss(standardized, scaled_target)
+        # RMSE in natural log-return units, whatever the loss: comparable across runs and losses.
+        rmse = (
+            torch.sqrt(nn.functional.mse_loss(standardized, scaled_target).detach()) * self.model.target_std.squeeze()
+        )
         return loss, rmse
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -56,7 +69,3 @@ class ForecasterModule(L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)
-
-
-# What the forecaster reads from fetch_stocks' meta.json.
-STOCK_META_KEYS = ("sha256", "ticker", "origin")
