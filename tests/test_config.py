@@ -13,7 +13,15 @@ from dlpipe.errors import DlpipeError
 
 def test_repository_params_are_valid():
     config = load_config(REPO_ROOT / "params.yaml")
-    assert config.params.models == {"cnn": "images", "resnet": "images", "mobilenet_v2": "images", "lstm": "stocks"}
+    assert config.params.models == {
+        "cnn": "images",
+        "resnet": "images",
+        "mobilenet_v2": "images",
+        "rnn": "stocks",
+        "gru": "stocks",
+        "lstm": "stocks",
+    }
+    assert config.params.data.stocks.tickers == ["GOOG", "MSFT"]
     assert config.params.data.images.source == "mnist_5k"
     assert config.params.data.stocks.source == "sample"
     assert config.paths.root == REPO_ROOT

@@ -117,14 +117,15 @@ def price_row(column: str, value: str) -> Callable[[Path], None]:
     def corrupt(path: Path) -> None:
         lines = path.read_text().splitlines()
         header = lines[0].split(",")
-        cells = lines[40].split(",")
+        row = len(lines) - 40  # near the end: inside any start/end range the params keep
+        cells = lines[row].split(",")
         cells[header.index(column)] = value
-        lines[40] = ",".join(cells)
+        lines[row] = ",".join(cells)
         path.write_text("\n".join(lines) + "\n")
         meta = path.parent / "meta.json"
         if meta.is_file():
             record = json.loads(meta.read_text())
-            record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            record["files"][path.stem]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
             meta.write_text(json.dumps(record))
 
     return corrupt

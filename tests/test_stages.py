@@ -11,7 +11,7 @@ from dlpipe import stages, tracking
 from dlpipe.errors import DlpipeError
 
 CLASSIFIER_KEYS = {"test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "macro_f1"}
-FORECASTER_KEYS = {"rmse", "mae", "directional_accuracy", "persistence_rmse", "rmse_ratio_vs_persistence"}
+FORECASTER_KEYS = {"rmse_ratio_vs_persistence", "dm_pvalue", "skill", "verdict", "directional_accuracy", "tickers"}
 COMMON_KEYS = {
     "trainable_params",
     "multiply_adds",
@@ -59,9 +59,16 @@ def test_fetch_images_writes_stratified_splits(pipeline_run):
 
 def test_fetch_stocks_copies_validated_prices(pipeline_run):
     config, results = pipeline_run
-    assert results["fetch_stocks"]["rows"] == 2148
-    header = (config.paths.raw_stocks / "prices.csv").read_text().splitlines()[0]
-    assert header == "Date,Open,High,Low,Close,Volume"
+    files = results["fetch_stocks"]["files"]
+    assert results["fetch_stocks"]["tickers"] == ["GOOG", "MSFT"]
+    # From 2008-01-01 (the tiny params' start) to the end of each committed file.
+    assert {t: (f["rows"], f["first_date"], f["last_date"]) for t, f in files.items()} == {
+        "GOOG": (1300, "2008-01-02", "2013-03-01"),
+        "MSFT": (2485, "2008-01-02", "2017-11-10"),
+    }
+    for ticker in files:
+        header = config.paths.prices(ticker).read_text().splitlines()[0]
+        assert header == "Date,Open,High,Low,Close,Volume"
 
 
 def test_augment_adds_copies_and_preview(pipeline_run):
@@ -110,16 +117,32 @@ def test_classifier_metrics_are_consistent(pipeline_run):
     assert predictions[0] == "actual,predicted" and len(predictions) == 61
 
 
-def test_forecaster_baseline_is_computed_from_prices(pipeline_run):
-    config, _ = pipeline_run
-    metrics = json.loads(config.paths.metrics("lstm").read_text())
+def test_forecaster_is_judged_per_ticker_on_the_plotted_days(pipeline_run):
     import pandas as pd
 
-    table = pd.read_csv(config.paths.plots("lstm") / "forecast.csv")
-    persistence = np.sqrt(np.mean((table["persistence"] - table["actual"]) ** 2))
-    assert metrics["persistence_rmse"] == pytest.approx(persistence)
-    assert metrics["rmse_ratio_vs_persistence"] == pytest.approx(metrics["rmse"] / metrics["persistence_rmse"])
-    assert 0.0 <= metrics["directional_accuracy"] <= 1.0
+    config, _ = pipeline_run
+    metrics = json.loads(config.paths.metrics("lstm").read_text())
+    assert set(metrics["tickers"]) == {"GOOG", "MSFT"}
+    for ticker, scores in metrics["tickers"].items():
+        table = pd.read_csv(config.paths.plots("lstm") / f"forecast_{ticker}.csv")
+        assert len(table) == scores["test_days"] and table["date"].iloc[-1] == scores["last_test_date"]
+
+        def rmse(column: str, table: pd.DataFrame = table) -> float:
+            return float(np.sqrt(np.mean((table[column] - table["actual"]) ** 2)))
+
+        baselines = scores["baselines"]
+        assert scores["rmse"] == pytest.approx(rmse("predicted"))
+        assert baselines["persistence"]["rmse"] == pytest.approx(rmse("persistence"))
+        assert baselines["moving_average"]["rmse"] == pytest.approx(rmse("moving_average"))
+        assert baselines["arima"]["rmse"] == pytest.approx(rmse("arima"))
+        assert scores["rmse_ratio_vs_persistence"] == pytest.approx(rmse("predicted") / rmse("persistence"))
+        assert baselines["arima"]["order"] == [1, 0, 0] and baselines["arima"]["chosen_by"] == "params"
+        assert scores["skill"] in ("yes", "no") and scores["verdict"].startswith(f"lstm on {ticker}: ")
+        assert (scores["skill"] == "yes") == (scores["dm_pvalue"] < 0.05 and scores["rmse_ratio_vs_persistence"] < 1)
+        assert 0.0 <= scores["directional_accuracy"] <= 1.0 and 0.0 < scores["directional_pvalue"] <= 1.0
+        assert (config.paths.plots("lstm") / f"forecast_{ticker}.png").stat().st_size > 10_000
+    assert metrics["test_samples"] == sum(s["test_days"] for s in metrics["tickers"].values())
+    assert metrics["verdict"].startswith("lstm on GOOG + MSFT: ")
 
 
 @pytest.mark.parametrize("model", ["cnn", "lstm"])
@@ -149,10 +172,12 @@ def test_contract_is_in_onnx_metadata_and_registered_model(pipeline_run):
     assert [f["name"] for f in features] == list(FEATURE_FORMULAS)
     assert [f["formula"] for f in features] == list(FEATURE_FORMULAS.values())
     assert lstm["dlpipe.window"] == str(config.train_params("lstm").window)
+    assert json.loads(lstm["dlpipe.tickers"]) == ["GOOG", "MSFT"]
     assert "log return" in lstm["dlpipe.output"] and "exp(output)" in lstm["dlpipe.output"]
 
     mlflow.set_tracking_uri(tracking.tracking_uri(config))
-    for model, shape in (("cnn", (-1, 1, 28, 28)), ("lstm", (-1, config.train_params("lstm").window, 4))):
+    # -1 where the graph takes any size: the batch, and the forecaster's window (4 features + 2 tickers).
+    for model, shape in (("cnn", (-1, 1, 28, 28)), ("lstm", (-1, -1, 6))):
         info = mlflow.models.get_model_info(f"models:/dlpipe-{model}@champion")
         signature = info.signature.to_dict()
         assert json.loads(signature["inputs"])[0]["tensor-spec"] == {"dtype": "float32", "shape": list(shape)}
@@ -189,7 +214,10 @@ def test_readme_deployment_examples_run_on_the_exported_models(pipeline_run, mon
     namespace = {}
     exec(compile(forecaster, "README forecaster example", "exec"), namespace)
     # The README's feature formulas are the pipeline's, and its window is what the model was trained on.
-    np.testing.assert_allclose(namespace["features"], make_features(read_prices(config.paths.prices)), rtol=1e-6)
+    prices = read_prices(config.paths.raw_stocks, "GOOG")
+    np.testing.assert_allclose(namespace["features"], make_features(prices), rtol=1e-6)
+    assert namespace["inputs"].shape == (1, config.train_params("lstm").window, 6)
+    assert namespace["inputs"][0, :, 4:].tolist() == [[1.0, 0.0]] * config.train_params("lstm").window
     assert namespace["window"] == config.train_params("lstm").window
     assert "next close: " in capsys.readouterr().out
 
@@ -209,7 +237,9 @@ def test_report_summarises_all_models(pipeline_run):
     summary = json.loads(config.paths.summary.read_text())
     assert set(summary) == {"cnn", "lstm"}
     page = config.paths.report_html.read_text()
-    assert "<table>" in page and "plots/cnn/confusion.png" in page and "plots/lstm/forecast.png" in page
+    assert "<table>" in page and "plots/cnn/confusion.png" in page and "plots/lstm/forecast_GOOG.png" in page
+    lstm = summary["lstm"]
+    assert "skill over persistence" in page and lstm["verdict"] in page and lstm["tickers"]["MSFT"]["verdict"] in page
 
 
 def test_parity_failure_keeps_previous_onnx(pipeline_run, monkeypatch):
@@ -218,7 +248,7 @@ def test_parity_failure_keeps_previous_onnx(pipeline_run, monkeypatch):
     config, _ = pipeline_run
     target = config.paths.onnx("cnn")
     before = target.read_bytes()
-    monkeypatch.setattr(export_module, "max_abs_diff", lambda *a, **k: 1.0)
+    monkeypatch.setattr(export_module, "parity_diffs", lambda network, path, cases: dict.fromkeys(cases, 1.0))
     with pytest.raises(DlpipeError, match="parity_atol"):
         stages.export(config, "cnn")
     assert target.read_bytes() == before

@@ -233,16 +233,24 @@ def register_onnx(
 ) -> str:
     """Log the ONNX file as an MLflow model in the run and register it as a new version.
 
-    The model carries a signature (input and output dtype and shape, batch dynamic), `example` as its input
-    example, and `metadata` (the task's contract: scaling, classes or features, what the output means).
+    The model carries a signature (input and output dtype and shape, -1 where the graph's axis is dynamic:
+    the batch, a forecaster's window), `example` as its input example, and `metadata` (the task's contract:
+    scaling, classes or features, what the output means).
     """
     import mlflow
     import onnx
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
     from dlpipe.runtime import create_session, run_batched
 
-    outputs = run_batched(create_session(onnx_path, ("cpu",)), example)
+    session = create_session(onnx_path, ("cpu",))
+    outputs = run_batched(session, example)
+
+    def spec(node, values: np.ndarray) -> Schema:
+        return Schema([TensorSpec(values.dtype, tuple(d if isinstance(d, int) else -1 for d in node.shape))])
+
+    signature = ModelSignature(spec(session.get_inputs()[0], example), spec(session.get_outputs()[0], outputs))
     reroot_local_store(config)
     with keep_tracking_env():
         mlflow.set_tracking_uri(tracking_uri(config))
@@ -252,7 +260,7 @@ def register_onnx(
                 onnx.load(onnx_path),
                 name="onnx",
                 registered_model_name=registered_name(model),
-                signature=infer_signature(example, outputs),
+                signature=signature,
                 input_example=example,
                 metadata=metadata,
                 pip_requirements=["onnxruntime"],  # skips slow requirement inference

@@ -51,8 +51,9 @@ class PerTickerNetworks(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         forecasts = torch.cat([network(x) for network in self.networks], dim=1)  # (B, K)
-        selector = x[:, -1, -len(self.networks) :]  # (B, K) one-hot: 1 for the sample's own ticker
-        return (forecasts * selector).sum(dim=1, keepdim=True)
+        own = x[:, -1, -len(self.networks) :].argmax(dim=1, keepdim=True)  # (B, 1) the sample's ticker
+        # Picked, not multiplied by the one-hot code: another ticker's inf or NaN must not leak in (inf * 0).
+        return forecasts.gather(1, own)
 
 
 class ScaledForecaster(nn.Module):
