@@ -95,7 +95,8 @@ def dlpipe_pipeline(project: str = ".", models: list[str] | None = None) -> dict
         logger.info("report skipped: it summarises every model in params `models`, and only %s ran", selected)
     metrics = {model: json.loads(config.paths.metrics(model).read_text()) for model in selected}
     for model, values in metrics.items():
-        logger.info("%s: %s", model, {k: v for k, v in values.items() if "accuracy" in k or "rmse" in k or k == "verdict"})
+        headline = {k: v for k, v in values.items() if "accuracy" in k or "rmse" in k or k == "verdict"}
+        logger.info("%s: %s", model, headline)
     return metrics
 
 
