@@ -134,10 +134,11 @@ def price_row(column: str, value: str) -> Callable[[Path], None]:
 def swap_high_low(path: Path) -> None:
     lines = path.read_text().splitlines()
     header = lines[0].split(",")
-    cells = lines[40].split(",")
+    row = len(lines) - 40  # near the end: inside any start/end range the params keep
+    cells = lines[row].split(",")
     high, low = header.index("High"), header.index("Low")
     cells[high], cells[low] = cells[low], cells[high]
-    lines[40] = ",".join(cells)
+    lines[row] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -30,7 +30,12 @@ def test_repro_writes_contract_metrics(repo):
     cnn = metrics["reports/metrics/cnn.json"]["data"]
     lstm = metrics["reports/metrics/lstm.json"]["data"]
     assert cnn["test_accuracy"] > 0.3 and cnn["onnx_max_abs_diff"] <= 1e-4
-    assert lstm["rmse"] > 0 and lstm["persistence_rmse"] > 0 and lstm["onnx_max_abs_diff"] <= 1e-4
+    assert lstm["rmse_ratio_vs_persistence"] > 0 and lstm["skill"] in ("yes", "no")
+    assert lstm["onnx_max_abs_diff"] <= 1e-4
+    assert {ticker: scores["baselines"]["persistence"]["rmse"] > 0 for ticker, scores in lstm["tickers"].items()} == {
+        "GOOG": True,
+        "MSFT": True,
+    }
     assert (root / "reports" / "index.html").is_file()
 
 
@@ -115,7 +120,7 @@ def test_experiment_compares_with_baseline_and_image_change_spares_forecaster(re
         for row in (baseline, experiments[0]):
             metrics = row["data"]["metrics"]
             assert 0 < metrics["reports/metrics/cnn.json"]["data"]["test_accuracy"] <= 1
-            assert metrics["reports/metrics/lstm.json"]["data"]["rmse"] > 0
+            assert metrics["reports/metrics/lstm.json"]["data"]["tickers"]["GOOG"]["rmse"] > 0
         assert experiments[0]["data"]["params"]["params.yaml"]["data"]["augment"]["copies"] == 0
 
         diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], root, env).stdout)
