@@ -190,6 +190,8 @@ def test_directional_test_hand_example():
     assert result["directional_accuracy"] == pytest.approx(0.6)
     assert result["directional_pvalue"] == pytest.approx(0.5, abs=1e-12)
     assert result["directional_pvalue"] == pytest.approx(stats.binomtest(3, 5, 0.5, alternative="greater").pvalue)
+    # Of the 5 days that moved, days 0, 3 and 6 went up: "always up" would score 3/5 as well.
+    assert result["up_days_share"] == pytest.approx(0.6)
 
 
 def test_directional_pvalue_is_scipys_exact_binomial():
@@ -212,6 +214,7 @@ def test_directional_test_without_a_move_has_nothing_to_judge():
         "directional_hits": 0,
         "directional_days": 0,
         "directional_pvalue": None,
+        "up_days_share": None,
     }
 
 

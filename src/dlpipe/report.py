@@ -58,6 +58,7 @@ def _forecast_row(scope: str, scores: dict[str, Any], baselines: dict[str, Any])
         scores["skill"],
         number(scores.get("directional_accuracy"), "{:.3f}"),
         number(scores.get("directional_pvalue"), "{:.3g}"),
+        number(scores.get("up_days_share"), "{:.3f}"),
         number(baselines["moving_average"]["rmse_ratio_vs_persistence"], "{:.4f}"),
         number(baselines["arima"]["rmse_ratio_vs_persistence"], "{:.4f}"),
     ]
@@ -76,6 +77,7 @@ def render_forecasts(summary: dict[str, dict[str, Any]]) -> str:
         "skill",
         "direction acc",
         "direction p (vs 50%)",
+        "up days (always-up acc)",
         "moving average / persistence",
         "ARIMA / persistence",
     ]

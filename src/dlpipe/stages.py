@@ -194,6 +194,8 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     metrics = evaluate_model(config, model, train_info)
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)
+    # The figures and their tables beside the run's metrics (confusion matrix, forecasts per ticker).
+    tracking.log_artifacts(config, train_info["run_id"], config.paths.plots(model), "plots")
     if export_info.get("registered_version"):
         metrics["champion"] = tracking.promote_if_better(
             config,

@@ -204,6 +204,11 @@ def log_artifact(config: Config, run_id: str, path: Path, artifact_path: str) ->
     client(config).log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
+def log_artifacts(config: Config, run_id: str, directory: Path, artifact_path: str) -> None:
+    """Every file in `directory`, under `artifact_path` of the run."""
+    client(config).log_artifacts(run_id, str(directory), artifact_path=artifact_path)
+
+
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested metrics as one level, keys joined by "/" (tickers/GOOG/rmse): MLflow's names for groups."""
     flat = {}

@@ -122,8 +122,10 @@ def directional_test(predicted_change, actual_change) -> dict:
     price did not move (actual_change == 0) are left out (no direction to get right); a forecast of no
     change (predicted_change == 0) on a day that moved counts as a miss. Returns
     {"directional_accuracy": float|None, "directional_hits": int, "directional_days": int,
-     "directional_pvalue": float|None}
+     "directional_pvalue": float|None, "up_days_share": float|None}
     directional_pvalue: one-sided exact binomial test (scipy.stats.binomtest, alternative="greater") against 50%.
+    up_days_share: the share of those days that went up, which is what "always up" scores: in a rising market
+    a forecast that has learnt only the drift beats 50% by that much, so read the accuracy against it too.
     None values when there are no days with a move."""
     predicted = _as_finite_vector(predicted_change, "predicted_change")
     actual = _as_finite_vector(actual_change, "actual_change")
@@ -134,13 +136,20 @@ def directional_test(predicted_change, actual_change) -> dict:
     # np.sign(0) == 0 matches neither +1 nor -1: a flat forecast on a day that moved is a miss.
     hits = int((np.sign(predicted[moved]) == np.sign(actual[moved])).sum())
     if days == 0:
-        return {"directional_accuracy": None, "directional_hits": 0, "directional_days": 0, "directional_pvalue": None}
+        return {
+            "directional_accuracy": None,
+            "directional_hits": 0,
+            "directional_days": 0,
+            "directional_pvalue": None,
+            "up_days_share": None,
+        }
     pvalue = float(stats.binomtest(hits, days, 0.5, alternative="greater").pvalue)
     return {
         "directional_accuracy": hits / days,
         "directional_hits": hits,
         "directional_days": days,
         "directional_pvalue": pvalue,
+        "up_days_share": float((actual[moved] > 0).mean()),
     }
 
 
