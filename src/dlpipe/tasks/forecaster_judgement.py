@@ -129,24 +129,12 @@ def plot_forecasts(model: str, outputs: dict[str, Any], directory: Path) -> None
         dates = pd.to_datetime(series["dates"])
         figure, (zoom, running) = plt.subplots(2, 1, figsize=(10, 7), height_ratios=(3, 2))
         recent = slice(-ZOOM_DAYS, None)
-        zoom.plot(
-            dates[recent],
-            series["actual"][recent],
-            color="black",
-            marker="o",
-            markersize=3,
-            linewidth=1.2,
-            label="actual close",
-        )
-        zoom.plot(
-            dates[recent],
-            series["model"][recent],
-            color="tab:blue",
-            marker="s",
-            markersize=3,
-            linewidth=1.2,
-            label=f"{model} (ONNX Runtime)",
-        )
+        for key, colour, marker, label in (
+            ("actual", "black", "o", "actual close"),
+            ("model", "tab:blue", "s", f"{model} (ONNX Runtime)"),
+        ):
+            line = {"color": colour, "marker": marker, "markersize": 3, "linewidth": 1.2}
+            zoom.plot(dates[recent], series[key][recent], label=label, **line)
         zoom.step(
             dates[recent],
             series["persistence"][recent],
