@@ -29,6 +29,9 @@ def tiny_params() -> dict:
     # Both committed tickers from 2008: 1,300 days of GOOG, 2,485 of MSFT; ARIMA's order fixed (no AIC search).
     params["data"]["stocks"].update(start="2008-01-01")
     params["evaluate"]["baselines"].update(arima_order=[1, 0, 0])
+    # One epoch on 210 images is far from the production floor; the gate's logic is tested in test_promotion.py.
+    params["promote"].update(thresholds={"onnx_accuracy": 0.2, "rmse_ratio_vs_persistence": 1.5}, max_latency_ms=1000)
+    params["export"].update(calibration_samples=32)
     params["evaluate"].update(latency_warmup=1, latency_runs=5)
     # 21 training images a class at this limit; a tiny ResNet trains ten times in seconds.
     transfer = {"net": {"depth": 8, "widths": [4, 8, 8]}, "shots": [2, 5], "pretrain_epochs": 1, "epochs": 2}

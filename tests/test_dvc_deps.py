@@ -40,6 +40,7 @@ DATA_READS = {
         "models/${key}/best.ckpt",
         "models/${key}/train.json",
         "models/${key}/model.onnx",
+        "models/${key}/model.int8.onnx",
         "models/${key}/export.json",
         "data/${item}",
     ],

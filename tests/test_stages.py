@@ -155,11 +155,60 @@ def test_forecaster_is_judged_per_ticker_on_the_plotted_days(pipeline_run):
 
 
 @pytest.mark.parametrize("model", ["cnn", "lstm"])
-def test_export_registers_version_with_champion_alias(pipeline_run, model):
+def test_export_registers_fp32_and_int8_and_the_gate_names_the_champion(pipeline_run, model):
     config, results = pipeline_run
-    assert results[f"export@{model}"]["registered_version"] == "1"
-    version = tracking.client(config).get_model_version_by_alias(f"dlpipe-{model}", "champion")
-    assert str(version.version) == "1" and version.run_id == results[f"train@{model}"]["run_id"]
+    export_info, client = results[f"export@{model}"], tracking.client(config)
+    name = f"dlpipe-{model}"
+    assert export_info["registered_version"] == "1" and export_info["int8"]["registered_version"] == "2"
+    int8 = client.get_model_version(name, "2")
+    assert int8.tags["variant"] == "int8" and int8.tags["fp32_version"] == "1"
+    assert client.get_model_version(name, "1").tags["variant"] == "fp32"
+    decision = results[f"evaluate@{model}"]["promotion"]
+    # The tiny params' thresholds are low and their latency budget wide: the first versions pass the gate.
+    assert decision["champion"] is True and decision["refused"] == []
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == decision["chosen_version"]
+    assert champion.tags["variant"] == decision["chosen_variant"] and champion.tags["gate"] == "champion"
+    assert champion.run_id == results[f"train@{model}"]["run_id"]
+
+
+@pytest.mark.parametrize(
+    ("model", "quantization", "metric"),
+    [("cnn", "int8-static", "int8_accuracy"), ("lstm", "int8-dynamic", "int8_rmse_ratio_vs_persistence")],
+)
+def test_int8_variant_is_smaller_and_measured(pipeline_run, model, quantization, metric):
+    import onnx
+
+    config, results = pipeline_run
+    assert results[f"export@{model}"]["int8"]["quantization"] == quantization
+    int8_file = onnx.load(config.paths.onnx_int8(model))
+    props = {p.key: p.value for p in int8_file.metadata_props}
+    assert props["dlpipe.variant"] == quantization and props["dlpipe.model"] == model
+    metrics = json.loads(config.paths.metrics(model).read_text())
+    assert metrics["int8_size_bytes"] == config.paths.onnx_int8(model).stat().st_size
+    assert metrics["int8_size_ratio"] == metrics["int8_size_bytes"] / metrics["onnx_size_bytes"] < 0.6
+    for batch in (1, 32):
+        speedup = metrics[f"latency_ms_onnx_b{batch}_p50"] / metrics[f"latency_ms_int8_b{batch}_p50"]
+        assert metrics[f"int8_speedup_b{batch}"] == pytest.approx(speedup)
+    assert metric in metrics
+
+
+def test_exported_classifier_agrees_with_torch_on_the_whole_test_split(pipeline_run):
+    config, results = pipeline_run
+    assert results["export@cnn"]["top1_agreement"] == 1.0
+    assert results["export@lstm"]["top1_agreement"] is None  # a forecast has no class to agree on
+
+
+def test_champion_loads_through_mlflow_pyfunc_and_predicts(pipeline_run):
+    import mlflow
+
+    config, _ = pipeline_run
+    mlflow.set_tracking_uri(tracking.tracking_uri(config))
+    model = mlflow.pyfunc.load_model("models:/dlpipe-cnn@champion")
+    x = np.load(config.paths.raw_images / "test.npz")["x"][:5].astype(np.float32) / 255.0
+    prediction = model.predict(x)
+    logits = next(iter(prediction.values())) if isinstance(prediction, dict) else np.asarray(prediction)
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
 
 
 def test_contract_is_in_onnx_metadata_and_registered_model(pipeline_run):

@@ -14,13 +14,21 @@ from dlpipe import stages
 from dlpipe.config import PARAMS_ENV
 from dlpipe.errors import DlpipeError, Interrupted
 
+# Commands beside the stages (dlpipe.stages.COMMANDS): they read or move registry state, DVC tracks nothing.
+COMMANDS = {
+    "models": "list the registered networks",
+    "compare": "one table of every model from MLflow (also reports/compare.csv)",
+    "promote": "point the champion alias at MODEL VERSION",
+    "rollback": "give the champion alias back to the previous champion of MODEL",
+}
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlpipe", description="Run one stage of the dlpipe pipeline (as dvc.yaml does).")
-    p.add_argument(
-        "stage", choices=(*stages.STAGES, "models"), help="pipeline stage to run, or 'models' to list registered models"
-    )
+    commands = "; ".join(f"'{name}' to {what}" for name, what in COMMANDS.items())
+    p.add_argument("stage", choices=(*stages.STAGES, *COMMANDS), help=f"pipeline stage to run, or {commands}")
     p.add_argument("model", nargs="?", help="model name for train / export / evaluate (see `dlpipe models`)")
+    p.add_argument("version", nargs="?", help="registry version for promote")
     p.add_argument("--params", default=None, help=f"params file (default: ${PARAMS_ENV}, else ./params.yaml)")
     return p
 
@@ -36,6 +44,10 @@ def run(argv: list[str] | None = None) -> int:
             spec = get_spec(name)
             print(f"{name:{width}s}  {spec.task:11s} {spec.summary}")
         return 0
+    if args.stage in ("compare", "promote", "rollback"):
+        return registry_command(args)
+    if args.version:
+        raise DlpipeError(f"stage {args.stage!r} takes no version (got {args.version!r})")
     if args.stage in stages.MODEL_STAGES and not args.model:
         raise DlpipeError(f"stage {args.stage!r} needs a model name, e.g. `dlpipe {args.stage} cnn`")
     if args.stage not in stages.MODEL_STAGES and args.model:
@@ -49,6 +61,20 @@ def run(argv: list[str] | None = None) -> int:
 
     stage = stages.STAGES[args.stage]
     stage(config, args.model) if args.model else stage(config)
+    return 0
+
+
+def registry_command(args: argparse.Namespace) -> int:
+    from dlpipe.config import load_config
+
+    config = load_config(args.params)
+    if args.stage == "compare" and args.model:
+        raise DlpipeError(f"compare takes no model name (got {args.model!r})")
+    if args.stage != "compare" and (not args.model or (args.stage == "promote") != bool(args.version)):
+        usage = "dlpipe promote MODEL VERSION" if args.stage == "promote" else "dlpipe rollback MODEL"
+        raise DlpipeError(f"usage: {usage}")
+    command = stages.COMMANDS[args.stage]
+    print(command(config, *(a for a in (args.model, args.version) if a)))
     return 0
 
 

@@ -200,6 +200,23 @@ class ExportParams(_Strict):
     parity_atol: PositiveFloat = 1e-4
     # The exported graph is checked at each of these batch sizes (and, for sequence models, at two lengths).
     parity_batches: Annotated[list[PositiveInt], Field(min_length=1)] = Field(default_factory=lambda: [1, 7, 64])
+    # Classifiers: share of the whole test split where the graph and PyTorch pick the same class.
+    min_top1_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.999
+    # The int8 variant beside model.onnx: static (calibrated) for convolutional nets, dynamic for recurrent ones.
+    calibration_samples: PositiveInt = 256  # training inputs the static quantization calibrates activations on
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class PromoteParams(_Strict):
+    """The gate a newly evaluated version passes to take the `champion` alias."""
+
+    # The task's promotion metric must reach this: at least (accuracy), or at most (a ratio where lower is better).
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"onnx_accuracy": 0.95, "rmse_ratio_vs_persistence": 1.05}
+    )
+    max_latency_ms: PositiveFloat = 50.0  # p50 ONNX Runtime latency of the chosen variant at `latency_batch`
+    latency_batch: Literal[1, 32] = 1  # the batch size deployment cares about
+    max_int8_loss: Annotated[float, Field(ge=0.0)] = 0.005  # the int8 variant may lose this much of the metric
 
 
 class BaselineParams(_Strict):
@@ -320,6 +337,7 @@ class Params(_Strict):
     train: dict[str, TrainParams]
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
     cost: CostParams = CostParams()
     distill: DistillParams = DistillParams()
@@ -398,6 +416,9 @@ class Paths:
 
     def onnx(self, model: str) -> Path:
         return self.model_dir(model) / "model.onnx"
+
+    def onnx_int8(self, model: str) -> Path:
+        return self.model_dir(model) / "model.int8.onnx"
 
     def export_info(self, model: str) -> Path:
         return self.model_dir(model) / "export.json"

@@ -16,42 +16,64 @@ from dlpipe.runtime import InputContract, create_session, latency_ms
 from dlpipe.tasks import task_of
 
 
-def latency_table(config: Config, network: nn.Module, onnx_session, sample: np.ndarray) -> dict[str, float]:
-    """p50/p99 latencies in ms; batches are built from real inputs (repeated if the split is small)."""
+def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], sample: np.ndarray) -> dict[str, float]:
+    """p50/p99 latencies in ms of PyTorch and of each ONNX Runtime session ("onnx" = fp32, "int8"), at batch 1
+    and 32; batches are built from real inputs (repeated if the split is small). The sessions are timed in
+    alternating rounds, so a machine that slows down mid-measurement slows all of them alike."""
     warmup, runs = config.params.evaluate.latency_warmup, config.params.evaluate.latency_runs
-    input_name = InputContract.of(onnx_session).input_name
-    batch1 = sample[:1]
-    batch32 = np.resize(sample, (32, *sample.shape[1:])).astype(np.float32)
+    input_name = InputContract.of(sessions["onnx"]).input_name
+    batches = {1: sample[:1], 32: np.resize(sample, (32, *sample.shape[1:])).astype(np.float32)}
     network = network.eval()
     with torch.inference_mode():
-        torch_b1 = latency_ms(lambda: network(torch.from_numpy(batch1)), warmup, runs)
-    onnx_b1 = latency_ms(lambda: onnx_session.run(None, {input_name: batch1}), warmup, runs)
-    onnx_b32 = latency_ms(lambda: onnx_session.run(None, {input_name: batch32}), warmup, runs)
-    p50_b32 = float(np.percentile(onnx_b32, 50))
-    return {
+        torch_b1 = latency_ms(lambda: network(torch.from_numpy(batches[1])), warmup, runs)
+    timings: dict[tuple[str, int], list[np.ndarray]] = {}
+    rounds = 4
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for size, batch in batches.items():
+                call = lambda s=session, b=batch: s.run(None, {input_name: b})  # noqa: E731
+                timings.setdefault((name, size), []).append(latency_ms(call, warmup // rounds, -(-runs // rounds)))
+    p50 = {key: float(np.percentile(np.concatenate(t), 50)) for key, t in timings.items()}
+    table = {
         "latency_ms_torch_b1_p50": float(np.percentile(torch_b1, 50)),
-        "latency_ms_onnx_b1_p50": float(np.percentile(onnx_b1, 50)),
-        "latency_ms_onnx_b1_p99": float(np.percentile(onnx_b1, 99)),
-        "latency_ms_onnx_b32_p50": p50_b32,
-        "throughput_onnx_b32_per_s": 32.0 / (p50_b32 / 1000.0),
+        "latency_ms_onnx_b1_p99": float(np.percentile(np.concatenate(timings[("onnx", 1)]), 99)),
+        "throughput_onnx_b32_per_s": 32.0 / (p50[("onnx", 32)] / 1000.0),
     }
+    for (name, size), value in p50.items():
+        table[f"latency_ms_{name}_b{size}_p50"] = value
+    if "int8" in sessions:
+        for size in batches:
+            table[f"int8_speedup_b{size}"] = p50[("onnx", size)] / p50[("int8", size)]
+    return table
 
 
 def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> dict[str, Any]:
-    """Metrics of the exported `model` on its test split: the task's, the latency table, and the training
-    facts from `train_info` (the train stage's train.json)."""
+    """Metrics of the exported `model` on its test split: the task's (fp32 graph), the int8 variant's
+    promotion metric, the latency table, and the training facts from `train_info` (train.json)."""
+    from dlpipe.promotion import int8_metric_name
+
     task = task_of(config, model)
     onnx_path = config.paths.onnx(model)
     if not onnx_path.is_file():
         raise DlpipeError(f"{onnx_path}: file not found (run export first)")
     network = task.load_exported(config.paths.checkpoint(model))
-    session = create_session(onnx_path, config.params.evaluate.providers)
-    metrics, outputs = task.evaluate(config, model, network, session)
+    providers = config.params.evaluate.providers
+    sessions = {"onnx": create_session(onnx_path, providers)}
+    metrics, outputs = task.evaluate(config, model, network, sessions["onnx"])
     missing = [key for key in task.metric_keys if key not in metrics]
     if missing:  # a task that breaks its own promise would silently drop columns from reports and promotion
         raise RuntimeError(f"{task.name} task returned no {', '.join(missing)} for {model}")
-    metrics["onnx_provider"] = session.get_providers()[0]
-    metrics.update(latency_table(config, network, session, task.reference_inputs(config, model)))
+    metrics["onnx_provider"] = sessions["onnx"].get_providers()[0]
+    int8_path = config.paths.onnx_int8(model)
+    if int8_path.is_file():
+        sessions["int8"] = create_session(int8_path, providers)
+        int8_metrics, _ = task.evaluate(config, model, network, sessions["int8"])
+        metric = task.promotion[0]
+        metrics[int8_metric_name(metric)] = int8_metrics[metric]
+        metrics["onnx_size_bytes"] = onnx_path.stat().st_size
+        metrics["int8_size_bytes"] = int8_path.stat().st_size
+        metrics["int8_size_ratio"] = metrics["int8_size_bytes"] / metrics["onnx_size_bytes"]
+    metrics.update(latency_table(config, network, sessions, task.reference_inputs(config, model)))
     metrics.update({key: train_info[key] for key in ("trainable_params", "train_seconds", "epochs_trained")})
     if "multiply_adds" in train_info:  # per sample; absent from a train.json written before it was counted
         metrics["multiply_adds"] = train_info["multiply_adds"]

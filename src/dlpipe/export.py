@@ -103,6 +103,12 @@ def parity_diffs(network: nn.Module, onnx_path: Path, cases: dict[str, np.ndarra
     return diffs
 
 
+def top1_agreement(network: nn.Module, onnx_path: Path, inputs: np.ndarray) -> float:
+    """Share of `inputs` where the graph's highest-scoring class is PyTorch's."""
+    onnx_classes = run_batched(create_session(onnx_path, ["cpu"]), inputs).argmax(1)
+    return float((run_torch(network, inputs).argmax(1) == onnx_classes).mean())
+
+
 def export_with_parity(
     network: nn.Module,
     cases: dict[str, np.ndarray],
@@ -111,9 +117,12 @@ def export_with_parity(
     atol: float,
     metadata: dict[str, str] | None = None,
     dynamic_axes: dict[int, str] | None = None,
+    agreement: tuple[np.ndarray, float] | None = None,
 ) -> dict[str, float]:
     """Export, then compare with PyTorch on every case of real inputs (batch sizes, sequence lengths); a graph
-    that disagrees on any of them is not kept. Returns each case's max abs difference."""
+    that disagrees on any of them is not kept. `agreement` (classifiers): (inputs, minimum share) where the
+    graph's top-1 class must equal PyTorch's, e.g. the whole test split. Returns each case's max abs
+    difference, and `top1_agreement` when checked."""
     # Unique per process: the same export started twice must not share (and delete) one candidate file.
     candidate = target.with_name(f".{target.name}.{os.getpid()}.candidate")
     largest = max(cases.values(), key=len)
@@ -126,6 +135,15 @@ def export_with_parity(
                 raise ParityError(
                     f"{target}: ONNX output differs from PyTorch by {diff:.3g} at {name} > export.parity_atol={atol:g}"
                 )
+        if agreement is not None:
+            inputs, minimum = agreement
+            share = top1_agreement(network, candidate, inputs)
+            if not share >= minimum:
+                raise ParityError(
+                    f"{target}: ONNX and PyTorch pick the same class on {share:.4f} of {len(inputs)} test inputs "
+                    f"< export.min_top1_agreement={minimum:g}"
+                )
+            diffs["top1_agreement"] = share
         candidate.replace(target)
     finally:
         candidate.unlink(missing_ok=True)

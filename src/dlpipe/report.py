@@ -179,6 +179,10 @@ def render_html(
         f"<figcaption>{html.escape(title)}</figcaption></figure>"
         for title, src in figures
     )
+    from dlpipe.compare import render_html as render_compare
+    from dlpipe.compare import rows_from_metrics
+
+    compare_table = render_compare(rows_from_metrics(summary))  # `dlpipe compare` prints the same columns
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dlpipe report</title>
 <style>
@@ -192,6 +196,8 @@ figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ ma
 <p>Metrics from <code>reports/metrics/&lt;model&gt;.json</code>;
 accuracy and errors through ONNX Runtime on the held-out test split.</p>
 <table><thead><tr><th>model</th>{header}</tr></thead><tbody>{rows}</tbody></table>
+<h2>Accuracy, speed and size: PyTorch, ONNX Runtime fp32 and int8</h2>
+{compare_table}
 {render_forecasts(summary)}
 <h2>Figures</h2>{gallery}
 {render_recipes(recipes or {}, reports_dir)}

@@ -144,6 +144,7 @@ def train(config: Config, model: str) -> dict[str, Any] | None:
 
 
 def export(config: Config, model: str) -> dict[str, Any]:
+    """ONNX export gated on parity with PyTorch, then its int8 variant; both registered in MLflow."""
     from dlpipe import tracking
     from dlpipe.export import export_with_parity
     from dlpipe.tasks import task_of
@@ -156,29 +157,62 @@ def export(config: Config, model: str) -> dict[str, Any]:
     settings = config.params.export
     metadata = task.onnx_metadata(config, model)
     cases = task.parity_inputs(config, model)
-    diffs = export_with_parity(
-        network, cases, target, settings.opset, settings.parity_atol, metadata, task.dynamic_axes
+    agreement_inputs = task.agreement_inputs(config, model)
+    agreement = None if agreement_inputs is None else (agreement_inputs, settings.min_top1_agreement)
+    checks = export_with_parity(
+        network, cases, target, settings.opset, settings.parity_atol, metadata, task.dynamic_axes, agreement
     )
+    diffs = {name: value for name, value in checks.items() if name != "top1_agreement"}
     diff = max(diffs.values())
-    tracking.log_metrics(config, train_info["run_id"], {"onnx_max_abs_diff_export": diff})
-    version = (
-        tracking.register_onnx(config, model, train_info["run_id"], target, inputs[:EXAMPLE_ROWS], metadata)
-        if config.params.mlflow.register_model
-        else None
-    )
+    int8 = export_int8(config, model, task)
+    logged = {"onnx_max_abs_diff_export": diff, "onnx_size_bytes": target.stat().st_size, **int8["sizes"]}
+    if "top1_agreement" in checks:
+        logged["onnx_top1_agreement_export"] = checks["top1_agreement"]
+    tracking.log_metrics(config, train_info["run_id"], logged)
+    version = int8_version = None
+    if config.params.mlflow.register_model:
+        example, run_id = inputs[:EXAMPLE_ROWS], train_info["run_id"]
+        version = tracking.register_onnx(config, model, run_id, target, example, metadata)
+        int8_metadata = {**metadata, "dlpipe.variant": int8["variant"]}
+        int8_path = config.paths.onnx_int8(model)
+        int8_version = tracking.register_onnx(
+            config, model, run_id, int8_path, example, int8_metadata, variant="int8", fp32_version=version
+        )
     info = {
         "onnx_sha256": sha256_file(target),  # evaluate refuses a file changed after export
         "onnx_max_abs_diff": diff,
         "parity": diffs,  # max abs difference per checked case (batch size, sequence length)
+        "top1_agreement": checks.get("top1_agreement"),  # classifiers, over the whole test split
         "registered_version": version,
+        "int8": {
+            "sha256": sha256_file(config.paths.onnx_int8(model)),
+            "quantization": int8["variant"],
+            "registered_version": int8_version,
+        },
         "opset": settings.opset,
     }
     write_json(config.paths.export_info(model), info)
     return info
 
 
+def export_int8(config: Config, model: str, task) -> dict[str, Any]:
+    """models/<model>/model.int8.onnx from the fp32 graph: static QDQ int8 calibrated on training inputs, or
+    dynamic int8, as the task says."""
+    from dlpipe.quantize import quantize_dynamic_int8, quantize_static_int8
+
+    settings = config.params.export
+    source, target = config.paths.onnx(model), config.paths.onnx_int8(model)
+    if task.quantization == "static":
+        calibration = task.calibration_inputs(config, model, settings.calibration_samples, config.params.seed)
+        quantize_static_int8(source, target, calibration, method=settings.calibration_method)
+    else:
+        quantize_dynamic_int8(source, target)
+    sizes = {"int8_size_bytes": target.stat().st_size, "int8_size_ratio": target.stat().st_size / source.stat().st_size}
+    return {"variant": f"int8-{task.quantization}", "sizes": sizes}
+
+
 def evaluate(config: Config, model: str) -> dict[str, Any]:
-    from dlpipe import tracking
+    from dlpipe import promotion, tracking
     from dlpipe.evaluate import evaluate_model
     from dlpipe.tasks import task_of
 
@@ -191,19 +225,28 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     if sha256_file(onnx_path) != export_info["onnx_sha256"]:
         # Its metrics would be tagged on the registered version, which holds the file export wrote.
         raise DlpipeError(f"{onnx_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
+    int8_path, int8_info = config.paths.onnx_int8(model), export_info.get("int8") or {}
+    if int8_path.is_file() and sha256_file(int8_path) != int8_info.get("sha256"):
+        raise DlpipeError(f"{int8_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
     metrics = evaluate_model(config, model, train_info)
     write_json(config.paths.metrics(model), metrics)
     tracking.log_metrics(config, train_info["run_id"], metrics)
     # The figures and their tables beside the run's metrics (confusion matrix, forecasts per ticker).
     tracking.log_artifacts(config, train_info["run_id"], config.paths.plots(model), "plots")
     if export_info.get("registered_version"):
-        metrics["champion"] = tracking.promote_if_better(
-            config,
+        # Registry state, not a fact of this model: reported and returned, kept out of the DVC metrics file.
+        metric, batch = task.promotion[0], config.params.promote.latency_batch
+        options = promotion.candidates(metrics, export_info, metric, batch)
+        decision = promotion.gate(config, model, options, task.promotion, task.evaluation_data(config, model))
+        metrics["promotion"], metrics["champion"] = decision, decision["champion"]
+        log.info(
+            "evaluate: %s: %s v%s %s",
             model,
-            export_info["registered_version"],
-            metrics,
-            task.promotion,
-            task.evaluation_data(config, model),
+            decision["chosen_variant"],
+            decision["chosen_version"],
+            "is champion"
+            if decision["champion"]
+            else "not promoted: " + ("; ".join(decision["refused"]) or "the champion is better"),
         )
     return metrics
 
@@ -296,6 +339,26 @@ def transfer(config: Config) -> dict[str, Any]:
     return results
 
 
+def compare_command(config: Config) -> str:
+    """`dlpipe compare`: the table of every model from MLflow, also written to reports/compare.csv."""
+    from dlpipe.compare import compare, format_table
+
+    return format_table(compare(config))
+
+
+def promote_command(config: Config, model: str, version: str) -> str:
+    from dlpipe.promotion import promote
+
+    return promote(config, model, version)
+
+
+def rollback_command(config: Config, model: str) -> str:
+    from dlpipe.promotion import rollback
+
+    return rollback(config, model)
+
+
+COMMANDS = {"compare": compare_command, "promote": promote_command, "rollback": rollback_command}
 STAGES = {
     "fetch_images": fetch_images,
     "fetch_stocks": fetch_stocks,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlpipe.config import Config
+from dlpipe.errors import DlpipeError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,6 +25,7 @@ CHAMPION = "champion"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DATA_KEY_TAG = "data_key"  # version tag: data_key() of what it was evaluated on
 DATA_TAG = "evaluation_data"  # version tag: that evaluation data as JSON (source, test hash, input shape)
+VARIANT_TAG = "variant"  # version tag: fp32 or int8
 log = logging.getLogger("dlpipe")
 
 
@@ -234,7 +236,14 @@ def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
 
 
 def register_onnx(
-    config: Config, model: str, run_id: str, onnx_path: Path, example: np.ndarray, metadata: dict[str, str]
+    config: Config,
+    model: str,
+    run_id: str,
+    onnx_path: Path,
+    example: np.ndarray,
+    metadata: dict[str, str],
+    variant: str = "fp32",
+    fp32_version: str | None = None,
 ) -> str:
     """Log the ONNX file as an MLflow model in the run and register it as a new version.
 
@@ -263,14 +272,19 @@ def register_onnx(
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 onnx.load(onnx_path),
-                name="onnx",
+                name="onnx" if variant == "fp32" else f"onnx_{variant}",
                 registered_model_name=registered_name(model),
                 signature=signature,
                 input_example=example,
                 metadata=metadata,
                 pip_requirements=["onnxruntime"],  # skips slow requirement inference
             )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    mlflow_client = client(config)
+    mlflow_client.set_model_version_tag(registered_name(model), version, VARIANT_TAG, variant)
+    if fp32_version is not None:  # the graph it was quantized from
+        mlflow_client.set_model_version_tag(registered_name(model), version, "fp32_version", fp32_version)
+    return version
 
 
 def data_key(evaluation_data: dict[str, Any]) -> str:
@@ -298,6 +312,17 @@ def _beats(value: float, holder, metric: str, higher_is_better: bool) -> bool:
     return other != other or (value > other if higher_is_better else value < other)
 
 
+def tag_evaluation(
+    config: Config, model: str, version: str, metrics: dict[str, Any], metric: str, evaluation_data: dict[str, Any]
+) -> str:
+    """Tag `version` with its `metric` and what it was evaluated on; returns the data key."""
+    key = data_key(evaluation_data)
+    tags = ((metric, str(float(metrics[metric]))), (DATA_KEY_TAG, key), (DATA_TAG, json.dumps(evaluation_data)))
+    for tag, value in tags:
+        client(config).set_model_version_tag(registered_name(model), version, tag, value)
+    return key
+
+
 def promote_if_better(
     config: Config,
     model: str,
@@ -316,10 +341,8 @@ def promote_if_better(
     metric, higher_is_better = promotion
     mlflow_client = client(config)
     name = registered_name(model)
-    key = data_key(evaluation_data)
+    key = tag_evaluation(config, model, version, metrics, metric, evaluation_data)
     value = float(metrics[metric])
-    for tag, tag_value in ((metric, str(value)), (DATA_KEY_TAG, key), (DATA_TAG, json.dumps(evaluation_data))):
-        mlflow_client.set_model_version_tag(name, version, tag, tag_value)
     if _beats(value, _version_at(mlflow_client, name, best_alias(key)), metric, higher_is_better):
         mlflow_client.set_registered_model_alias(name, best_alias(key), version)
     champion = _version_at(mlflow_client, name, CHAMPION)
@@ -333,6 +356,45 @@ def promote_if_better(
         )
         return False
     if champion is None or _beats(value, champion, metric, higher_is_better):
-        mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+        set_champion(config, model, version)
         return True
     return False
+
+
+HISTORY_TAG = "champion_history"  # registered-model tag: earlier champion versions, oldest first (JSON list)
+
+
+def champion_version(config: Config, model: str) -> str | None:
+    holder = _version_at(client(config), registered_name(model), CHAMPION)
+    return None if holder is None else str(holder.version)
+
+
+def _history(mlflow_client, name: str) -> list[str]:
+    return json.loads(mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(config: Config, model: str, version: str) -> str | None:
+    """Point `champion` at `version`; the version it leaves is pushed on the history `rollback` pops.
+    Returns that previous champion (None if there was none)."""
+    mlflow_client, name = client(config), registered_name(model)
+    previous = champion_version(config, model)
+    if previous == str(version):
+        return previous
+    if previous is not None:
+        history = [*_history(mlflow_client, name), previous]
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
+    return previous
+
+
+def rollback_champion(config: Config, model: str) -> tuple[str | None, str]:
+    """Move `champion` back to the version it held before; returns (from, to). The history shrinks by one, so
+    repeated rollbacks walk further back."""
+    mlflow_client, name = client(config), registered_name(model)
+    history = _history(mlflow_client, name)
+    if not history:
+        raise DlpipeError(f"{model}: no earlier champion to roll back to (registry tag {HISTORY_TAG} is empty)")
+    current, target = champion_version(config, model), history[-1]
+    mlflow_client.set_registered_model_alias(name, CHAMPION, target)
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    return current, target

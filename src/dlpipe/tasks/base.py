@@ -55,6 +55,9 @@ class Task(ABC):
     metric_keys: ClassVar[tuple[str, ...]]  # keys `evaluate` adds to reports/metrics/<model>.json
     input_range: ClassVar[tuple[float, float] | None] = None  # value range of the exported input, if bounded
     dynamic_axes: ClassVar[dict[int, str]] = {0: "batch"}  # exported input axes of any size
+    # How the int8 variant is made: "static" (activations calibrated on training inputs; convolutions) or
+    # "dynamic" (activations quantized at run time; matrix products and recurrent cells).
+    quantization: ClassVar[Literal["static", "dynamic"]] = "static"
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -109,6 +112,15 @@ class Task(ABC):
         from dlpipe.export import batch_cases
 
         return batch_cases(self.reference_inputs(config, model), config.params.export.parity_batches)
+
+    def agreement_inputs(self, config: Config, model: str) -> np.ndarray | None:
+        """Inputs on which the graph's top-1 class must match PyTorch's (export.min_top1_agreement), or None
+        where the output is not a class score."""
+        return None
+
+    def calibration_inputs(self, config: Config, model: str, count: int, seed: int) -> np.ndarray:
+        """Real training inputs for static int8 calibration (never the test split the int8 graph is judged on)."""
+        raise NotImplementedError(f"the {self.name} task has no calibration inputs (its quantization is dynamic)")
 
     @abstractmethod
     def contract(self, config: Config, model: str) -> dict[str, str]:

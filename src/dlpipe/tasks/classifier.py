@@ -119,6 +119,14 @@ class ClassifierTask(Task):
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         return self._test_split(config)[0][:256]
 
+    def agreement_inputs(self, config: Config, model: str) -> np.ndarray:
+        return self._test_split(config)[0]  # the whole test split
+
+    def calibration_inputs(self, config: Config, model: str, count: int, seed: int) -> np.ndarray:
+        x, _ = load_split(config.paths.raw_images, "train")  # the raw training images, as deployment will see
+        chosen = np.random.default_rng(seed).choice(len(x), size=min(count, len(x)), replace=False)
+        return x[np.sort(chosen)].astype(np.float32) / 255.0
+
     def contract(self, config: Config, model: str) -> dict[str, str]:
         meta = self._image_meta(config)
         colour = "grayscale" if meta["channels"] == 1 else "RGB"

@@ -89,6 +89,7 @@ class ForecasterTask(Task):
     dataset = "stocks"
     data_kwargs = ("n_features",)
     dynamic_axes = {0: "batch", 1: "window"}
+    quantization = "dynamic"  # the work is in LSTM/GRU/RNN and Gemm nodes
     monitor = ("val/loss", "min")
     # Pooled over the tickers, in log-return units (scale-free): below 1 beats tomorrow = today.
     promotion = ("rmse_ratio_vs_persistence", False)
