@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -17,6 +18,12 @@ MNIST = {"source": "mnist_5k", "test_sha256": "a" * 64, "input_shape": [1, 28, 2
 ACCURACY = ("onnx_accuracy", True)
 RATIO = ("rmse_ratio_vs_persistence", False)
 SETTINGS = PromoteParams()  # thresholds onnx_accuracy >= 0.95, ratio <= 1.05; 50 ms at batch 1; int8 loss 0.005
+
+
+@pytest.fixture
+def config(config):
+    """The project's config with the repository's promotion settings (the tiny params loosen them)."""
+    return dataclasses.replace(config, params=config.params.model_copy(update={"promote": SETTINGS}))
 
 
 def _registry(config) -> MlflowClient:

@@ -87,9 +87,11 @@ def test_digits_run_leaves_the_mnist_champion_in_place(tmp_path):
     assert _champion(config) == mnist_champion
     client, name = _registry(config), tracking.registered_name("cnn")
     versions = {v.version: v for v in client.search_model_versions(f"name = '{name}'")}
-    assert len(versions) == 2
+    assert len(versions) == 4  # each run registers its fp32 graph and its int8 variant
     keys = {v.tags["data_key"] for v in versions.values()}
     assert len(keys) == 2  # each run is tagged with the data it was evaluated on
+    first, second, third, fourth = (versions[v].tags["data_key"] for v in sorted(versions, key=int))
+    assert first == second != third == fourth  # a run's two variants share its test data
     assert '"digits"' in versions[max(versions, key=int)].tags["evaluation_data"]
 
 
