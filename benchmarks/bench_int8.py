@@ -269,10 +269,10 @@ def bench_forecaster(model: str, inputs: np.ndarray, args, scratch: Path) -> dic
 def classifier_data(config, seed: int, count: int) -> dict[str, np.ndarray]:
     """Calibration images exactly as the export stage picks them; the test split the pipeline evaluates on."""
     from dlpipe.data.images import load_split
-    from dlpipe.tasks import get_task
+    from dlpipe.tasks import task_of
 
     x_test, y_test = load_split(config.paths.raw_images, "test")
-    calibration = get_task("classifier").calibration_inputs(config, CLASSIFIERS[0], count, seed)
+    calibration = task_of(config, CLASSIFIERS[0]).calibration_inputs(config, CLASSIFIERS[0], count, seed)
     return {"calibration": calibration, "x_test": x_test.astype(np.float32) / 255.0, "y_test": y_test}
 
 
@@ -318,7 +318,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 def run_all(config, args: argparse.Namespace, seed: int, results: dict[str, Any]) -> None:
     """Every model's figures into `results`; quantized files live in a scratch directory, never the project."""
-    from dlpipe.tasks import get_task
+    from dlpipe.tasks import task_of
 
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -328,7 +328,7 @@ def run_all(config, args: argparse.Namespace, seed: int, results: dict[str, Any]
             results["classifiers"][model] = bench_classifier(model, data, args, scratch)
         for model in args.forecasters:
             print(f"forecaster {model} ...", flush=True)
-            inputs = get_task("forecaster").reference_inputs(config, model)
+            inputs = task_of(config, model).reference_inputs(config, model)
             results["forecasters"][model] = bench_forecaster(model, inputs, args, scratch)
         if args.sweep:
             results["sweep"] = {model: sweep_classifier(model, data, args, scratch) for model in args.classifiers}

@@ -13,6 +13,7 @@ from dlpipe import promotion, tracking
 from dlpipe.config import PromoteParams
 from dlpipe.errors import DlpipeError
 from dlpipe.promotion import Candidate
+from dlpipe.tasks.base import int8_metric_name
 
 MNIST = {"source": "mnist_5k", "test_sha256": "a" * 64, "input_shape": [1, 28, 28]}
 ACCURACY = ("onnx_accuracy", True)
@@ -93,7 +94,7 @@ def test_candidates_read_the_metrics_and_export_record():
     export_info = {"registered_version": "3", "int8": {"registered_version": "4"}}
     found = promotion.candidates(metrics, export_info, "onnx_accuracy", 32)
     assert found == [Candidate("fp32", "3", 0.98, 5.0), Candidate("int8", "4", 0.979, 2.0)]
-    assert promotion.int8_metric_name("rmse_ratio_vs_persistence") == "int8_rmse_ratio_vs_persistence"
+    assert int8_metric_name("rmse_ratio_vs_persistence") == "int8_rmse_ratio_vs_persistence"
 
 
 # ---------------------------------------------------------------------------------- the registry, for real

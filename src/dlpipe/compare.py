@@ -65,17 +65,21 @@ class TaskKeys:
     int8: str
 
 
-TASK_KEYS = {
-    "classifier": TaskKeys("accuracy", "test_accuracy", "onnx_accuracy", "int8_accuracy"),
-    # A forecaster's pooled ratio is measured on the ONNX Runtime forecasts (its torch forecasts differ from
-    # them by `onnx_max_abs_diff`), so the torch and ORT fp32 columns hold the same number.
-    "forecaster": TaskKeys(
-        "rmse_ratio_vs_persistence",
-        "rmse_ratio_vs_persistence",
-        "rmse_ratio_vs_persistence",
-        "int8_rmse_ratio_vs_persistence",
-    ),
-}
+def _task_keys() -> dict[str, TaskKeys]:
+    """Each registered task's columns, from the task itself (Task.compare_metrics and its promotion metric)."""
+    from dlpipe.tasks import get_task, list_tasks
+    from dlpipe.tasks.base import int8_metric_name
+
+    keys = {}
+    for name in list_tasks():
+        task = get_task(name)
+        label, torch_key = task.compare_metrics
+        onnx_key = task.promotion[0]
+        keys[name] = TaskKeys(label, torch_key, onnx_key, int8_metric_name(onnx_key))
+    return keys
+
+
+TASK_KEYS = _task_keys()
 TASK_METRIC_LABELS = {"accuracy": "accuracy", "rmse_ratio_vs_persistence": "RMSE/persistence"}
 
 

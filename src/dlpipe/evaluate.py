@@ -50,7 +50,7 @@ def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], 
 def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> dict[str, Any]:
     """Metrics of the exported `model` on its test split: the task's (fp32 graph), the int8 variant's
     promotion metric, the latency table, and the training facts from `train_info` (train.json)."""
-    from dlpipe.promotion import int8_metric_name
+    from dlpipe.tasks.base import int8_metric_name
 
     task = task_of(config, model)
     onnx_path = config.paths.onnx(model)

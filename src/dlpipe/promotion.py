@@ -16,6 +16,7 @@ from typing import Any
 from dlpipe import tracking
 from dlpipe.config import Config, PromoteParams
 from dlpipe.errors import DlpipeError
+from dlpipe.tasks.base import int8_metric_name
 
 log = logging.getLogger("dlpipe")
 GATE_TAG = "gate"  # version tag: why the gate promoted or refused it
@@ -29,11 +30,6 @@ class Candidate:
     version: str | None  # registry version (None when the model is not registered)
     metric: float  # the task's promotion metric through ONNX Runtime
     latency_ms: float  # p50 at promote.latency_batch
-
-
-def int8_metric_name(metric: str) -> str:
-    """`onnx_accuracy` -> `int8_accuracy`; `rmse_ratio_vs_persistence` -> `int8_rmse_ratio_vs_persistence`."""
-    return f"int8_{metric.removeprefix('onnx_')}"
 
 
 def candidates(metrics: dict[str, Any], export_info: dict[str, Any], metric: str, batch: int) -> list[Candidate]:

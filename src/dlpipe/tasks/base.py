@@ -58,6 +58,8 @@ class Task(ABC):
     # How the int8 variant is made: "static" (activations calibrated on training inputs; convolutions) or
     # "dynamic" (activations quantized at run time; matrix products and recurrent cells).
     quantization: ClassVar[Literal["static", "dynamic"]] = "static"
+    # `dlpipe compare`: the promotion metric's name in the table and its PyTorch counterpart's metric key.
+    compare_metrics: ClassVar[tuple[str, str]]
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -172,6 +174,12 @@ class Task(ABC):
     def synthetic_train_params(self) -> dict[str, Any]:
         """The task's own `train.<model>` keys (beyond the common ones) for a quick synthetic run."""
         return {}
+
+
+def int8_metric_name(metric: str) -> str:
+    """The int8 variant's promotion metric: `onnx_accuracy` -> `int8_accuracy`; `rmse_ratio_vs_persistence` ->
+    `int8_rmse_ratio_vs_persistence`."""
+    return f"int8_{metric.removeprefix('onnx_')}"
 
 
 _TASKS: dict[str, Task] = {}

@@ -62,6 +62,7 @@ class ClassifierTask(Task):
     data_kwargs = ("in_channels", "image_size", "num_classes")
     monitor = ("val/acc", "max")
     promotion = ("onnx_accuracy", True)
+    compare_metrics = ("accuracy", "test_accuracy")
     metric_keys = ("test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "macro_f1")
     input_range = (0.0, 1.0)
 

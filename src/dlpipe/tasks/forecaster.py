@@ -93,6 +93,8 @@ class ForecasterTask(Task):
     monitor = ("val/loss", "min")
     # Pooled over the tickers, in log-return units (scale-free): below 1 beats tomorrow = today.
     promotion = ("rmse_ratio_vs_persistence", False)
+    # Measured on the ONNX Runtime forecasts only (torch differs by onnx_max_abs_diff): the same number twice.
+    compare_metrics = ("rmse_ratio_vs_persistence", "rmse_ratio_vs_persistence")
     metric_keys = ("rmse_ratio_vs_persistence", "dm_pvalue", "skill", "verdict", "directional_accuracy", "tickers")
 
     # ------------------------------------------------------------------------------------------ training
