@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from mlflow import MlflowClient
 
 from dlpipe import promotion, tracking
 from dlpipe.config import PromoteParams
 from dlpipe.errors import DlpipeError
 from dlpipe.promotion import Candidate
 from dlpipe.tasks.base import int8_metric_name
+from registry import new_version, registry
 
 MNIST = {"source": "mnist_5k", "test_sha256": "a" * 64, "input_shape": [1, 28, 28]}
 ACCURACY = ("onnx_accuracy", True)
@@ -27,28 +27,14 @@ def config(config):
     return dataclasses.replace(config, params=config.params.model_copy(update={"promote": SETTINGS}))
 
 
-def _registry(config) -> MlflowClient:
-    return MlflowClient(tracking.tracking_uri(config), tracking.tracking_uri(config))
-
-
-def _new_version(config, model: str = "cnn") -> str:
-    client = _registry(config)
-    name = tracking.registered_name(model)
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    source = config.paths.root / "exported"  # stands for a logged model's files; only the tags matter here
-    source.mkdir(exist_ok=True)
-    return str(client.create_model_version(name, source=source.as_uri()).version)
-
-
 def _champion(config, model: str = "cnn") -> str | None:
     return tracking.champion_version(config, model)
 
 
 def _pair(config, fp32: float, int8: float, fp32_ms: float = 5.0, int8_ms: float = 2.0) -> list[Candidate]:
     return [
-        Candidate("fp32", _new_version(config), fp32, fp32_ms),
-        Candidate("int8", _new_version(config), int8, int8_ms),
+        Candidate("fp32", new_version(config), fp32, fp32_ms),
+        Candidate("int8", new_version(config), int8, int8_ms),
     ]
 
 
@@ -106,26 +92,26 @@ def test_gate_promotes_the_better_refuses_worse_slow_and_weak_versions_and_rollb
     assert decision == {"chosen_variant": "int8", "chosen_version": first[1].version, "refused": [], "champion": True}
     assert _champion(config) == first[1].version
     name = tracking.registered_name("cnn")
-    tags = _registry(config).get_model_version(name, first[0].version).tags
+    tags = registry(config).get_model_version(name, first[0].version).tags
     assert tags["onnx_accuracy"] == "0.97"  # the variant not chosen carries its figures too
 
     worse = _pair(config, fp32=0.960, int8=0.958)
     decision = promotion.gate(config, "cnn", worse, ACCURACY, MNIST)
     assert decision["champion"] is False and decision["refused"] == []
-    gate_tag = _registry(config).get_model_version(name, worse[1].version).tags[promotion.GATE_TAG]
+    gate_tag = registry(config).get_model_version(name, worse[1].version).tags[promotion.GATE_TAG]
     assert gate_tag == "passed, but does not beat the champion"
 
     too_slow = _pair(config, fp32=0.990, int8=0.989, fp32_ms=90.0, int8_ms=70.0)
     decision = promotion.gate(config, "cnn", too_slow, ACCURACY, MNIST)
     assert decision["champion"] is False and "promote.max_latency_ms=50" in decision["refused"][0]
     assert (
-        _registry(config)
+        registry(config)
         .get_model_version(name, too_slow[1].version)
         .tags[promotion.GATE_TAG]
         .startswith("refused: p50 latency 70.00 ms")
     )
 
-    weak = [Candidate("fp32", _new_version(config), 0.940, 1.0)]  # over nothing yet, but under the floor
+    weak = [Candidate("fp32", new_version(config), 0.940, 1.0)]  # over nothing yet, but under the floor
     assert promotion.gate(config, "cnn", weak, ACCURACY, MNIST)["champion"] is False
     assert _champion(config) == first[1].version  # none of the three moved it
 
@@ -144,7 +130,7 @@ def test_gate_promotes_the_better_refuses_worse_slow_and_weak_versions_and_rollb
 
 
 def test_manual_promote_is_recorded_for_rollback_and_refuses_unknown_names(config):
-    one, two = _new_version(config), _new_version(config)
+    one, two = new_version(config), new_version(config)
     assert promotion.promote(config, "cnn", one) == f"dlpipe-cnn: champion v{one} (was none)"
     assert promotion.promote(config, "cnn", two) == f"dlpipe-cnn: champion v{two} (was v{one})"
     assert promotion.rollback(config, "cnn").startswith(f"dlpipe-cnn: champion v{one}")
@@ -164,7 +150,7 @@ def test_cli_promote_and_rollback_fail_in_one_line_with_exit_2(config):
         command = [sys.executable, "-m", "dlpipe", *args, *env_params]
         return subprocess.run(command, capture_output=True, text=True, cwd=config.paths.root, timeout=120)
 
-    version = _new_version(config)
+    version = new_version(config)
     ok = dlpipe("promote", "cnn", version)
     assert ok.returncode == 0 and ok.stdout.strip() == f"dlpipe-cnn: champion v{version} (was none)"
     for args, message in (

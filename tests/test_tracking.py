@@ -7,56 +7,42 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from conftest import tiny_params, write_project
 from dlpipe import stages, tracking
 from dlpipe.config import load_config
 from dlpipe.io import read_json
+from registry import new_version, registry
 
 MNIST = {"source": "mnist_5k", "test_sha256": "a" * 64, "input_shape": [1, 28, 28]}
 DIGITS = {"source": "digits", "test_sha256": "b" * 64, "input_shape": [1, 8, 8]}
 ACCURACY = ("onnx_accuracy", True)
 
 
-def _registry(config):
-    return MlflowClient(tracking.tracking_uri(config), tracking.tracking_uri(config))
-
-
-def _new_version(config, model: str = "cnn") -> str:
-    client = _registry(config)
-    name = tracking.registered_name(model)
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    source = config.paths.root / "exported"  # stands for a logged model's files; only the tags matter here
-    source.mkdir(exist_ok=True)
-    return client.create_model_version(name, source=source.as_uri()).version
-
-
 def _champion(config, model: str = "cnn") -> str:
-    return _registry(config).get_model_version_by_alias(tracking.registered_name(model), tracking.CHAMPION).version
+    return tracking.champion_version(config, model)
 
 
 def test_champion_moves_only_over_versions_evaluated_on_the_same_data(config):
     promote = tracking.promote_if_better
-    first = _new_version(config)
+    first = new_version(config)
     assert promote(config, "cnn", first, {"onnx_accuracy": 0.95}, ACCURACY, MNIST)
     # Higher accuracy on 8x8 digits says nothing about MNIST: registered beside the champion, not over it.
-    digits = _new_version(config)
+    digits = new_version(config)
     assert not promote(config, "cnn", digits, {"onnx_accuracy": 0.99}, ACCURACY, DIGITS)
     assert _champion(config) == first
-    client, name = _registry(config), tracking.registered_name("cnn")
+    client, name = registry(config), tracking.registered_name("cnn")
     digits_best = client.get_model_version_by_alias(name, tracking.best_alias(tracking.data_key(DIGITS)))
-    assert digits_best.version == digits
+    assert str(digits_best.version) == digits
     assert digits_best.tags[tracking.DATA_KEY_TAG] == tracking.data_key(DIGITS)
     # Same data: the better one wins, the worse one does not.
-    worse = _new_version(config)
+    worse = new_version(config)
     assert not promote(config, "cnn", worse, {"onnx_accuracy": 0.90}, ACCURACY, MNIST)
-    better = _new_version(config)
+    better = new_version(config)
     assert promote(config, "cnn", better, {"onnx_accuracy": 0.97}, ACCURACY, MNIST)
     assert _champion(config) == better
     mnist_best = client.get_model_version_by_alias(name, tracking.best_alias(tracking.data_key(MNIST)))
-    assert mnist_best.version == better
+    assert str(mnist_best.version) == better
     assert tracking.data_key(MNIST) != tracking.data_key(DIGITS)
     assert tracking.data_key(dict(reversed(MNIST.items()))) == tracking.data_key(MNIST)  # order-free
 
@@ -85,7 +71,7 @@ def test_digits_run_leaves_the_mnist_champion_in_place(tmp_path):
     digits_metrics = run_cnn()
     assert not digits_metrics["champion"]
     assert _champion(config) == mnist_champion
-    client, name = _registry(config), tracking.registered_name("cnn")
+    client, name = registry(config), tracking.registered_name("cnn")
     versions = {v.version: v for v in client.search_model_versions(f"name = '{name}'")}
     assert len(versions) == 4  # each run registers its fp32 graph and its int8 variant
     keys = {v.tags["data_key"] for v in versions.values()}
@@ -114,7 +100,7 @@ def test_copied_project_logs_artifacts_into_its_own_store(tmp_path):
     export_info = stages.export(copy, "cnn")  # logs and registers the ONNX model: new artifacts
 
     assert _files(original.paths.mlflow_artifacts) == original_files  # nothing landed in the original
-    client = _registry(copy)
+    client = registry(copy)
     version = client.get_model_version(tracking.registered_name("cnn"), export_info["registered_version"])
     logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged_model.artifact_location.startswith(copy.paths.mlflow_artifacts.as_uri() + "/")
