@@ -1,0 +1,66 @@
+"""The Lightning-vs-plain-loop parity harness (benchmarks/bench_lightning_overhead.py): one tiny epoch of each
+loop on the same data and seed must give the same losses. Behaviour only: no wall-clock assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+pytest.importorskip("lightning")
+pytest.importorskip("mlxtend")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lightning_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_lightning_overhead", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch):
+    import torch
+
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # L.seed_everything sets them: restored after the test
+        monkeypatch.setenv(name, "0")
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train = bench.cnn_train_params({"channels": [4, 8], "hidden": 16})
+        dataset = bench.load_mnist(256)
+        images, labels = dataset.tensors
+        assert images.dtype == torch.uint8 and images.shape == (256, 1, 28, 28)
+        assert labels.dtype == torch.int64
+
+        lightning = bench.run_lightning(train, dataset, epochs=1, seed=7)
+        plain = bench.run_plain(train, dataset, epochs=1, seed=7)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # Trainer(deterministic=True) and run_plain switch it on
+
+    steps = -(-256 // train.batch_size)
+    assert len(lightning["step_losses"]) == len(plain["step_losses"]) == steps
+    assert len(lightning["epoch_loss"]) == len(plain["epoch_loss"]) == 1
+    parity = bench.compare_losses(lightning, plain)
+    assert parity["equal_to_5_decimals"], parity
+    assert parity["epoch_loss_max_abs_diff"] < 1e-5
+    assert parity["logged_epoch_loss_max_abs_diff"] < 1e-5  # Lightning's own logged train/loss
+    assert parity["step_loss_max_abs_diff"] < 1e-5
+    assert parity["train_acc_max_abs_diff"] < 1e-6
+    assert lightning["epoch_loss"][0] == pytest.approx(plain["epoch_loss"][0], abs=1e-5)
+
+    # A different seed changes the initial weights and batch order: the harness is not comparing constants.
+    other = bench.run_plain(train, dataset, epochs=1, seed=8)
+    torch.use_deterministic_algorithms(deterministic)
+    assert abs(other["epoch_loss"][0] - plain["epoch_loss"][0]) > 1e-5
