@@ -72,7 +72,7 @@ def build_module(train: Any, dataset: torch.utils.data.TensorDataset, seed: int)
     from dlpipe.tasks import get_task
     from dlpipe.tasks.classifier import to_unit_float
 
-    task = get_task("classifier")
+    task = get_task(train.task)  # the task train.cnn names
     data_kwargs = {"in_channels": 1, "image_size": 28, "num_classes": 10}
     kwargs = {**data_kwargs, **train.net}
     L.seed_everything(seed, verbose=False)
