@@ -151,6 +151,11 @@ class Task(ABC):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Metrics (`metric_keys` and more) through the onnxruntime `session`, and the outputs for `plots`."""
 
+    def promotion_score(self, config: Config, model: str, network: nn.Module, session: Any) -> float:
+        """The promotion metric of the graph behind `session` (e.g. an int8 variant) on the test split. A task
+        whose `evaluate` does more than that metric needs (baselines, figures' data) overrides this."""
+        return float(self.evaluate(config, model, network, session)[0][self.promotion[0]])
+
     @abstractmethod
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         """Figures and the CSV tables `dvc plots` renders, written into `directory`."""

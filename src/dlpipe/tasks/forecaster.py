@@ -204,6 +204,15 @@ class ForecasterTask(Task):
 
     # ------------------------------------------------------------------------------------------ evaluate
 
+    @staticmethod
+    def _test_inputs(data: StockData) -> dict[str, np.ndarray]:
+        """Each ticker's test windows as the graph takes them (features and ticker columns), in order."""
+        return {ticker: ticker_inputs(data.splits[ticker]["test"], len(data.tickers)) for ticker in data.tickers}
+
+    @staticmethod
+    def _predicted_returns(inputs: dict[str, np.ndarray], session: Any) -> dict[str, np.ndarray]:
+        return {ticker: run_batched(session, x)[:, 0].astype(np.float64) for ticker, x in inputs.items()}
+
     def evaluate(
         self, config: Config, model: str, network: nn.Module, session: Any
     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -211,16 +220,21 @@ class ForecasterTask(Task):
         from dlpipe.tasks.forecaster_judgement import judge
 
         data = self.stock_data(config, model)
-        predicted_returns, max_diff = {}, 0.0
-        for ticker in data.tickers:
-            inputs = ticker_inputs(data.splits[ticker]["test"], len(data.tickers))
-            onnx_return = run_batched(session, inputs)[:, 0].astype(np.float64)
-            torch_return = run_torch(network, inputs)[:, 0]
-            max_diff = max(max_diff, float(np.abs(torch_return - onnx_return).max()))
-            predicted_returns[ticker] = onnx_return
+        inputs = self._test_inputs(data)
+        predicted_returns = self._predicted_returns(inputs, session)
+        max_diff = max(
+            float(np.abs(run_torch(network, x)[:, 0] - predicted_returns[ticker]).max()) for ticker, x in inputs.items()
+        )
         metrics, outputs = judge(model, data, predicted_returns, config.params.evaluate)
         metrics["onnx_max_abs_diff"] = max_diff
         return metrics, outputs
+
+    def promotion_score(self, config: Config, model: str, network: nn.Module, session: Any) -> float:
+        # The pooled ratio alone: no baselines (ARIMA fits), tests or plots for a second graph.
+        from dlpipe.tasks.forecaster_judgement import pooled_rmse_ratio
+
+        data = self.stock_data(config, model)
+        return pooled_rmse_ratio(data, self._predicted_returns(self._test_inputs(data), session))
 
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         from dlpipe.tasks.forecaster_judgement import plot_forecasts

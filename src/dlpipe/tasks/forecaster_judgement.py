@@ -22,13 +22,23 @@ from dlpipe.data.stocks import StockData, part_bounds
 from dlpipe.tasks.forecast_baselines import arima_forecasts, moving_average, persistence
 from dlpipe.tasks.forecast_stats import diebold_mariano, directional_test, error_metrics, has_skill, verdict
 
-BASELINES = ("persistence", "moving_average", "arima")
 ZOOM_DAYS = 60  # the forecast plot's upper panel: few enough days that the lines can be told apart
+
+
+def rmse_ratio(errors: np.ndarray, persistence_errors: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(errors**2)) / np.sqrt(np.mean(persistence_errors**2)))
+
+
+def pooled_rmse_ratio(data: StockData, predicted_returns: dict[str, np.ndarray]) -> float:
+    """The pooled RMSE / persistence in log returns (the top-level `rmse_ratio_vs_persistence` of `judge`)."""
+    actual = np.concatenate([data.splits[t]["test"].y[:, 0].astype(np.float64) for t in data.tickers])
+    predicted = np.concatenate([predicted_returns[t] for t in data.tickers])
+    return rmse_ratio(predicted - actual, -actual)  # persistence: a return of 0
 
 
 def _against_persistence(name: str, errors: np.ndarray, persistence_errors: np.ndarray, alpha: float) -> dict:
     """RMSE ratio, Diebold-Mariano test and verdict of `errors` against persistence's on the same days."""
-    ratio = float(np.sqrt(np.mean(errors**2)) / np.sqrt(np.mean(persistence_errors**2)))
+    ratio = rmse_ratio(errors, persistence_errors)
     dm = diebold_mariano(errors, persistence_errors)
     return {
         "rmse_ratio_vs_persistence": ratio,
