@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from conftest import tiny_params, write_project
 from dlpipe import stages, tracking
 from dlpipe.config import load_config
 from dlpipe.errors import DlpipeError
+from dlpipe.tasks import task_of
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +58,8 @@ def truncate(path: Path) -> None:
 
 
 def garbage(path: Path) -> None:
-    path.write_bytes(os.urandom(2048))
+    # Seeded by the file's name: the same bytes on every run, so a failure reproduces.
+    path.write_bytes(random.Random(path.name).randbytes(2048))
 
 
 def empty(path: Path) -> None:
@@ -252,3 +255,15 @@ def test_failed_write_leaves_the_previous_output_whole(built, tmp_path, monkeypa
     if stage == "train":
         runs = MlflowClient(tracking.tracking_uri(config)).search_runs(["1"], order_by=["attributes.start_time DESC"])
         assert runs[0].info.status == "FAILED"
+
+
+@pytest.mark.parametrize("size", [16, 2048])
+def test_any_bytes_in_a_checkpoint_are_one_refusal(tmp_path, size):
+    # torch's weights-only unpickler raises many kinds of exception on arbitrary bytes; each must become
+    # the one-line refusal, never a traceback.
+    task = task_of(load_config(write_project(tmp_path, tiny_params())), "cnn")
+    checkpoint = tmp_path / "best.ckpt"
+    for seed in range(300):
+        checkpoint.write_bytes(random.Random(seed).randbytes(size))
+        with pytest.raises(DlpipeError, match="not a loadable classifier checkpoint"):
+            task.load_exported(checkpoint)

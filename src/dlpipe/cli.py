@@ -20,6 +20,8 @@ COMMANDS = {
     "compare": "one table of every model from MLflow (also reports/compare.csv)",
     "promote": "point the champion alias at MODEL VERSION",
     "rollback": "give the champion alias back to the previous champion of MODEL",
+    "serve": "serve the champions over HTTP (see `dlpipe serve --help`)",
+    "predict": "predict on files: `dlpipe predict MODEL FILE...` (see `dlpipe predict --help`)",
 }
 
 
@@ -34,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in stages.ARGV_COMMANDS:
+        return stages.ARGV_COMMANDS[argv[0]](argv[1:])
     args = parser().parse_args(argv)
     if args.stage == "models":
         from dlpipe.models import get_spec, list_models

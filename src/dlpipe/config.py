@@ -242,6 +242,21 @@ class MlflowParams(_Strict):
     register_model: bool = True
 
 
+class ServeParams(_Strict):
+    """`dlpipe serve`: which models the HTTP service loads, and the limits every request is held to."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    models: list[str] | None = None  # served from the registry; null: every model of `models`
+    alias: str = "champion"  # the registry alias each model is served at (models:/dlpipe-<model>@<alias>)
+    poll_seconds: Annotated[float, Field(ge=0.0)] = 30.0  # alias check interval; 0: only POST /v1/admin/reload
+    providers: list[Literal["cuda", "cpu"]] = Field(default_factory=lambda: ["cuda", "cpu"])
+    threads: PositiveInt | None = None  # onnxruntime intra-op threads per session; null: onnxruntime's default
+    max_body_bytes: PositiveInt = 8 * 1024 * 1024  # larger requests get 413 before they are read
+    max_batch: PositiveInt = 64  # images or windows in one request; more gets 400
+    max_image_pixels: PositiveInt = 4096 * 4096  # width x height from the header, checked before decoding
+
+
 ChannelPair = Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]  # [M input, N output channels]
 
 
@@ -339,6 +354,7 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     mlflow: MlflowParams = MlflowParams()
+    serve: ServeParams = ServeParams()
     cost: CostParams = CostParams()
     distill: DistillParams = DistillParams()
     transfer: TransferParams = TransferParams()
@@ -587,8 +603,8 @@ def _one_line(error: ValidationError, params_file: Path, raw: dict[str, Any]) ->
     return f"{params_file}: {key}: {message}{shown}{more}"
 
 
-def load_config(params_file: Path | str | None = None) -> Config:
-    """Read and validate params.yaml; raise DlpipeError with one line naming the bad key or file."""
+def _read_params_file(params_file: Path | str | None) -> tuple[Path, dict[str, Any]]:
+    """The params file's path and its YAML mapping, or DlpipeError naming what is wrong with the file."""
     path = Path(params_file).resolve() if params_file else default_params_file()
     if not path.is_file():
         raise DlpipeError(f"params file not found: {path}")
@@ -602,6 +618,42 @@ def load_config(params_file: Path | str | None = None) -> Config:
         raise DlpipeError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise DlpipeError(f"{path}: expected a mapping at the top level")
+    return path, raw
+
+
+class ServingParams(_Strict):
+    """The sections `dlpipe serve` and `dlpipe predict` read. The others are left unvalidated: checking the
+    `train` sections needs the task registry, which imports torch, and serving must run without torch."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    models: dict[str, Literal[DATASETS]] = Field(min_length=1)
+    mlflow: MlflowParams = MlflowParams()
+    serve: ServeParams = ServeParams()
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What serving needs of the project: its params (`ServingParams`) and its paths (the MLflow store)."""
+
+    params: ServingParams
+    paths: Paths
+    params_file: Path
+
+
+def load_serving_config(params_file: Path | str | None = None) -> ServingConfig:
+    """Read params.yaml for serving: validates `models`, `mlflow` and `serve` only, imports no torch."""
+    path, raw = _read_params_file(params_file)
+    try:
+        params = ServingParams.model_validate(raw)
+    except ValidationError as exc:
+        raise DlpipeError(_one_line(exc, path, raw)) from exc
+    return ServingConfig(params=params, paths=Paths(path.parent), params_file=path)
+
+
+def load_config(params_file: Path | str | None = None) -> Config:
+    """Read and validate params.yaml; raise DlpipeError with one line naming the bad key or file."""
+    path, raw = _read_params_file(params_file)
     _check_model_tasks(raw, path)
     try:
         params = params_schema().model_validate(raw)

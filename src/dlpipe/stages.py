@@ -358,7 +358,21 @@ def rollback_command(config: Config, model: str) -> str:
     return rollback(config, model)
 
 
+def serve_command(argv: list[str]) -> int:
+    from dlpipe.serving.cli import serve  # torch-free: the service runs where torch is not installed
+
+    return serve(argv)
+
+
+def predict_command(argv: list[str]) -> int:
+    from dlpipe.serving.cli import predict
+
+    return predict(argv)
+
+
 COMMANDS = {"compare": compare_command, "promote": promote_command, "rollback": rollback_command}
+# Commands with their own options (argv after the command name); they read only the serving params.
+ARGV_COMMANDS = {"serve": serve_command, "predict": predict_command}
 STAGES = {
     "fetch_images": fetch_images,
     "fetch_stocks": fetch_stocks,

@@ -19,6 +19,7 @@ import numpy as np
 
 from dlpipe.config import ImagesParams
 from dlpipe.data.formats import read_cifar10_archive, read_idx
+from dlpipe.data.pixels import MAX_IMAGE_PIXELS, UnreadableImage, image_pixels, open_image
 from dlpipe.errors import DlpipeError
 from dlpipe.io import read_json
 
@@ -144,8 +145,6 @@ def load_cifar10(params: ImagesParams, cache: Path) -> ImageSet:
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# Larger images are skipped before they are decoded: a small file can claim (and decompress to) gigabytes.
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, str]]]:
@@ -185,10 +184,6 @@ def load_folder(root: Path) -> ImageSet:
     (checked from the header, before decoding), and images whose size differs from the most common one.
     Grayscale and colour mixed: all become RGB.
     """
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     if not root.is_dir():
         raise DlpipeError(f"data.images.folder: folder not found: {root}")
     classes, files, skipped = _folder_files(root)
@@ -197,18 +192,9 @@ def load_folder(root: Path) -> ImageSet:
     decoded = []
     for path, label in files:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    if image.width * image.height > MAX_IMAGE_PIXELS:
-                        skipped.append((path, f"{image.width}x{image.height} pixels, over {MAX_IMAGE_PIXELS}"))
-                        continue
-                    image.load()
-                    decoded.append((path, label, image.copy()))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            skipped.append((path, f"over {MAX_IMAGE_PIXELS} pixels (refused before decoding)"))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            skipped.append((path, f"not a readable image ({type(exc).__name__})"))
+            decoded.append((path, label, open_image(path, MAX_IMAGE_PIXELS)))
+        except UnreadableImage as exc:
+            skipped.append((path, str(exc)))
     if not decoded:
         raise DlpipeError(f"{root}: no readable images in the class folders ({len(skipped)} files skipped)")
     size = Counter(image.size for _, _, image in decoded).most_common(1)[0][0]
@@ -218,11 +204,8 @@ def load_folder(root: Path) -> ImageSet:
             kept.append((label, image))
         else:
             skipped.append((path, f"size {image.size[0]}x{image.size[1]}, not the folder's {size[0]}x{size[1]}"))
-    mode = "L" if all(image.mode in ("L", "1", "I;16") for _, image in kept) else "RGB"
-    stacked = []
-    for _, image in kept:
-        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-        stacked.append(pixels[None] if mode == "L" else pixels.transpose(2, 0, 1))
+    channels = 1 if all(image.mode in ("L", "1", "I;16") for _, image in kept) else 3
+    stacked = [image_pixels(image, channels) for _, image in kept]
     labels = np.array([label for label, _ in kept], dtype=np.int64)
     present = set(labels.tolist())
     if len(present) < 2:

@@ -220,6 +220,33 @@ def ticker_inputs(windows: Windows, n_tickers: int) -> np.ndarray:
     return np.concatenate([windows.x, repeated], axis=2)
 
 
+def forecast_input(
+    prices: pd.DataFrame, window: int, ticker: int, n_tickers: int, origin: str
+) -> tuple[np.ndarray, float, pd.Timestamp]:
+    """The input that forecasts the trading day after the last row of `prices` (Date + OHLCV, any order),
+    built as the training and test windows are: (1, window, F + n_tickers) float32, with the last close
+    (the persistence forecast) and the last date. Needs window + 1 days (features are day-to-day changes);
+    older rows are ignored. DlpipeError names the first problem (`origin` says where the rows came from)."""
+    frame = _date_and_price_columns(prices, origin).sort_values("Date")
+    if frame["Date"].duplicated().any():
+        raise DlpipeError(f"{origin}: duplicate date {frame.loc[frame['Date'].duplicated(), 'Date'].iloc[0].date()}")
+    if len(frame) < window + 1:
+        raise DlpipeError(f"{origin}: {len(frame)} days given; the model needs the last {window + 1} (window {window} + 1)")
+    frame = frame.iloc[-(window + 1) :].reset_index(drop=True)
+    frame[list(PRICE_COLUMNS)] = check_price_values(frame, origin)
+    features = make_features(frame)  # (window, F): the same formulas as every training window
+    last = Windows(
+        x=features[None],
+        y=np.zeros((1, 1), np.float32),
+        last_close=frame["Close"].to_numpy(np.float64)[-1:],
+        next_close=np.full(1, np.nan),
+        dates=frame["Date"].to_numpy()[-1:],
+        target_days=np.array([len(frame)]),
+        ticker=np.array([ticker], dtype=np.int64),
+    )
+    return ticker_inputs(last, n_tickers), float(last.last_close[0]), frame["Date"].iloc[-1]
+
+
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         return pd.read_csv(path, **kwargs)

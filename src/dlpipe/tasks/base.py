@@ -91,7 +91,12 @@ class Task(ABC):
         if not checkpoint.is_file():
             raise DlpipeError(f"{checkpoint}: file not found (run train first)")
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            # torch's weights-only unpickler meets arbitrary bytes with arbitrary exceptions (IndexError,
+            # AttributeError, ...): any failure to read the file is the same one-line refusal.
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise pickle.UnpicklingError(str(exc).strip() or type(exc).__name__) from exc
             spec = state["hyper_parameters"]["net_spec"]
             module = self.wrap(self.network(spec), spec["kwargs"])
             weights = {

@@ -19,6 +19,7 @@ from torch import nn
 from dlpipe import plots
 from dlpipe.config import Config, TrainParams
 from dlpipe.data.images import load_split
+from dlpipe.data.pixels import unit_float
 from dlpipe.io import read_json
 from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
@@ -115,7 +116,7 @@ class ClassifierTask(Task):
 
     def _test_split(self, config: Config) -> tuple[np.ndarray, np.ndarray]:
         x, y = load_split(config.paths.raw_images, "test")
-        return x.astype(np.float32) / 255.0, y
+        return unit_float(x), y  # what serving feeds the graph, by the same function
 
     def reference_inputs(self, config: Config, model: str) -> np.ndarray:
         return self._test_split(config)[0][:256]
@@ -126,7 +127,7 @@ class ClassifierTask(Task):
     def calibration_inputs(self, config: Config, model: str, count: int, seed: int) -> np.ndarray:
         x, _ = load_split(config.paths.raw_images, "train")  # the raw training images, as deployment will see
         chosen = np.random.default_rng(seed).choice(len(x), size=min(count, len(x)), replace=False)
-        return x[np.sort(chosen)].astype(np.float32) / 255.0
+        return unit_float(x[np.sort(chosen)])
 
     def contract(self, config: Config, model: str) -> dict[str, str]:
         meta = self._image_meta(config)

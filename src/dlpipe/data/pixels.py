@@ -1,0 +1,65 @@
+"""Image files to pixels, and pixels to what an exported classifier takes: one code path for the folder
+data source, evaluation and serving, so a served image reaches the graph exactly as a test image does.
+
+numpy and Pillow only (no torch: serving imports this).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dlpipe.errors import DlpipeError
+
+# Larger images are refused before they are decoded: a small file can claim (and decompress to) gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
+PIXEL_SCALE = np.float32(255.0)
+
+
+class UnreadableImage(DlpipeError):
+    """The bytes are not an image this project can use; the message says why, in a few words."""
+
+
+def unit_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]: the input contract of every exported classifier (the graph
+    standardises)."""
+    return pixels.astype(np.float32) / PIXEL_SCALE
+
+
+def open_image(source: bytes | Path, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None):
+    """A fully decoded PIL image from a file or bytes, refused with `UnreadableImage` when it is empty,
+    truncated, not an image (of `formats`, e.g. ("PNG", "JPEG"), when given), or over `max_pixels` by its
+    header (checked before any pixel is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, bytes | bytearray) and not source:
+        raise UnreadableImage("empty file")
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; here any image over `max_pixels` is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=formats) as image:
+                if image.width * image.height > max_pixels:
+                    raise UnreadableImage(f"{image.width}x{image.height} pixels, over {max_pixels}")
+                image.load()  # a truncated file fails here, not later
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"over {max_pixels} pixels (refused before decoding)") from None
+    except UnidentifiedImageError:
+        what = f"{' or '.join(formats)} image" if formats else "image (UnidentifiedImageError)"
+        raise UnreadableImage(f"not a readable {what}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated data, bad chunk CRCs, a broken header
+        raise UnreadableImage(f"not a readable image ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+
+
+def image_pixels(image, channels: int) -> np.ndarray:
+    """uint8 (C, H, W) pixels of a PIL image in `channels` (1: grayscale "L", 3: "RGB"), converted as the
+    folder source converts them."""
+    if channels not in (1, 3):
+        raise DlpipeError(f"images have 1 or 3 channels, not {channels}")
+    pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)

@@ -1,0 +1,82 @@
+"""The serving tests' world: a tiny project after a complete pipeline run (so the registry holds a
+champion cnn and lstm), and `dlpipe serve` started on it as a real process on a loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from conftest import tiny_params, write_project
+from servers import free_port
+
+READY_TIMEOUT_S = 120
+
+
+def build_project(root: Path) -> Path:
+    """A tiny project (cnn and lstm) trained, exported, evaluated and registered. Returns its root."""
+    from dlpipe import stages
+    from dlpipe.config import load_config
+
+    config = load_config(write_project(root, tiny_params()))
+    stages.fetch_images(config)
+    stages.fetch_stocks(config)
+    stages.augment(config)
+    for model in config.params.models:
+        for stage in ("train", "export", "evaluate"):
+            stages.STAGES[stage](config, model)
+    return config.paths.root
+
+
+def serving_env() -> dict[str, str]:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    for key in [key for key in env if key.lstrip("_").startswith("MLFLOW_")] + ["DLPIPE_PARAMS"]:
+        env.pop(key, None)
+    return env
+
+
+@contextlib.contextmanager
+def running_server(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`dlpipe serve` on `root`'s params with `args`, on a free loopback port, until every model is ready.
+    Yields the base URL; the process is stopped (and its log shown on a failure to start) afterwards."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "dlpipe",
+        "serve",
+        "--params",
+        str(root / "params.yaml"),
+        "--port",
+        str(port),
+        *args,
+    ]
+    log_path = root / f"serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=root, env=env or serving_env(), stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dlpipe serve did not become ready:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
