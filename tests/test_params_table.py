@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import tiny_params
-from dlpipe.config import load_config
+from dlpipe.config import load_config, load_serving_config
 from dlpipe.errors import DlpipeError
 
 DELETE = object()  # table value: remove the key
@@ -199,6 +199,23 @@ VALUE_CASES = [
     ("cost.threads", "all", None),
 ]
 
+# The serving sections: refused by load_config and, alone, by load_serving_config (what `dlpipe serve` reads).
+SERVE_CASES = [
+    ("serve.port", 70000, None),
+    ("serve.port", "http", None),
+    ("serve.poll_seconds", -1, None),
+    ("serve.max_batch", 0, None),
+    ("serve.max_body_bytes", "8M", None),
+    ("serve.max_image_pixels", 0, None),
+    ("serve.providers", ["tpu"], "serve.providers.0"),
+    ("serve.threads", 0, None),
+    ("serve.workers", 4, "serve.workers"),
+    ("serve.models", "cnn", None),
+    ("mlflow.tracking_uri", 5, None),
+    ("models", {}, "models"),
+]
+VALUE_CASES += SERVE_CASES
+
 
 @pytest.mark.parametrize(("key", "value", "expected"), VALUE_CASES, ids=[f"{k}={v!r}" for k, v, _ in VALUE_CASES])
 def test_malformed_value_is_refused_naming_its_key(tmp_path, key, value, expected):
@@ -211,6 +228,28 @@ def test_malformed_value_is_refused_naming_its_key(tmp_path, key, value, expecte
     message = str(caught.value)
     assert "\n" not in message and str(path) in message
     assert (expected or key) in message
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), SERVE_CASES, ids=[f"{k}={v!r}" for k, v, _ in SERVE_CASES])
+def test_serving_reads_its_sections_strictly(tmp_path, key, value, expected):
+    params = copy.deepcopy(tiny_params())
+    _set(params, key, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(DlpipeError) as caught:
+        load_serving_config(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and (expected or key) in message
+
+
+def test_serving_ignores_the_training_sections(tmp_path):
+    # A serving image has no torch: the train sections (validated by the tasks, which import torch) are
+    # not its concern, even when they are wrong.
+    params = copy.deepcopy(tiny_params())
+    _set(params, "train.cnn.epochs", "many")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert load_serving_config(path).params.serve.port == params["serve"]["port"]
 
 
 def test_start_after_end_is_refused(tmp_path):

@@ -231,8 +231,17 @@ def forecast_input(
     if frame["Date"].duplicated().any():
         raise DlpipeError(f"{origin}: duplicate date {frame.loc[frame['Date'].duplicated(), 'Date'].iloc[0].date()}")
     if len(frame) < window + 1:
-        raise DlpipeError(f"{origin}: {len(frame)} days given; the model needs the last {window + 1} (window {window} + 1)")
+        raise DlpipeError(
+            f"{origin}: {len(frame)} days given; the model needs the last {window + 1} (window {window} + 1)"
+        )
     frame = frame.iloc[-(window + 1) :].reset_index(drop=True)
+    for column in PRICE_COLUMNS:  # what pd.to_numeric would take as a number, or fail on, but a price is not
+        if frame[column].map(lambda value: isinstance(value, bool | np.bool_)).any():
+            raise DlpipeError(f"{origin}: {column} holds true/false, not a number")
+        try:
+            pd.to_numeric(frame[column], errors="coerce")
+        except OverflowError:  # an integer of hundreds of digits (JSON or CSV)
+            raise DlpipeError(f"{origin}: {column} holds a number too large to be a price or volume") from None
     frame[list(PRICE_COLUMNS)] = check_price_values(frame, origin)
     features = make_features(frame)  # (window, F): the same formulas as every training window
     last = Windows(

@@ -100,12 +100,18 @@ async def _form_batch(request: Request, served: ServedModel, limits: Limits):
     uploads = [value for _, value in form.multi_items() if not isinstance(value, str)]
     if not uploads:
         raise BadRequest("the multipart upload holds no file")
-    batches = []
+    batches, rows = [], 0
     for upload in uploads:
         data = await upload.read()
         media_type = (upload.content_type or "").split(";")[0].strip().lower()
         query = dict(request.query_params)
         batches.append(await run_in_threadpool(parse, served, media_type, data, query, limits))
+        rows += len(batches[-1].inputs)
+        if rows > limits.max_batch:  # each part is checked alone; the request as a whole is one batch too
+            raise BadRequest(
+                f"{rows} inputs in the first {len(batches)} parts of one request; the limit is {limits.max_batch}"
+                " (serve.max_batch)"
+            )
     return merge(batches)
 
 

@@ -63,8 +63,16 @@ class RegistrySource(Source):
 
     def __init__(self, tracking_uri: str, registered_name: str, alias: str) -> None:
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
-        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        try:
+            self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        except MlflowException as exc:  # e.g. a sqlite store where only mlflow-skinny is installed (the image)
+            message = " ".join(str(exc).split())[:200]
+            raise DlpipeError(
+                f"cannot open the MLflow store {tracking_uri} ({message}); serve from an MLflow server "
+                "(MLFLOW_TRACKING_URI=http://...) or from files (--file NAME=PATH.onnx)"
+            ) from None
         self.tracking_uri, self.name, self.alias = tracking_uri, registered_name, alias
         self.description = f"models:/{registered_name}@{alias}"
 
@@ -80,10 +88,21 @@ class RegistrySource(Source):
     def fetch(self, version: str, directory: Path) -> Path:
         from mlflow.artifacts import download_artifacts
         from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+        from mlflow.exceptions import MlflowException
 
         MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # a service's log gets one line per load, not a bar
         uri = f"models:/{self.name}/{version}"
-        local = Path(download_artifacts(uri, dst_path=str(directory), tracking_uri=self.tracking_uri))
+        try:
+            # Resolved with this source's client: MLflow resolves a `models:/` URI in the process's default
+            # registry (`sqlite:///mlflow.db` in the working directory), whatever tracking URI it is given.
+            location = self.client.get_model_version_download_uri(self.name, version)
+            if location.startswith("models:/"):  # a logged model (MLflow 3) with no storage location of its own
+                model_id = location.removeprefix("models:/").split("/")[0]
+                location = self.client.get_logged_model(model_id).artifact_location
+            local = Path(download_artifacts(location, dst_path=str(directory), tracking_uri=self.tracking_uri))
+        except MlflowException as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise DlpipeError(f"{uri}: cannot be downloaded from {self.tracking_uri} ({message})") from None
         graphs = sorted(local.rglob("*.onnx"))
         if len(graphs) != 1:
             raise DlpipeError(f"models:/{self.name}/{version}: expected one .onnx file, found {len(graphs)}")
@@ -131,15 +150,24 @@ class ServedModel:
 def load_version(
     name: str, source: Source, version: str, providers: tuple[str, ...], threads: int | None
 ) -> ServedModel:
-    """Fetch, open and smoke-test one version; DlpipeError if any step fails (nothing is switched to)."""
+    """Fetch, open and smoke-test one version; DlpipeError naming the version and what failed if any step
+    fails (nothing is switched to)."""
+    where = f"{source.description} version {version}"
     with tempfile.TemporaryDirectory(prefix=f"dlpipe-serve-{name}-") as directory:
         path = source.fetch(version, Path(directory))
-        session = create_session(path, providers, threads)  # read whole into memory: the file may go
-    contract = InputContract.of(session)
-    served = ServedModel(name, version, source.description, session, contract, adapter_for(contract))
-    outputs = served.run(served.adapter.smoke_input())
+        try:
+            session = create_session(path, providers, threads)  # read whole into memory: the file may go
+            contract = InputContract.of(session)
+            served = ServedModel(name, version, source.description, session, contract, adapter_for(contract))
+        except DlpipeError as exc:
+            raise DlpipeError(f"{where}: {str(exc).removeprefix(f'{path}: ')}") from None
+    try:
+        outputs = served.run(served.adapter.smoke_input())
+    except Exception as exc:  # onnxruntime's own exception types: a graph that loads but cannot run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DlpipeError(f"{where}: the smoke prediction failed ({first})") from None
     if len(outputs) != 1 or not np.isfinite(outputs).all():
-        raise DlpipeError(f"{source.description} version {version}: the smoke prediction is not finite")
+        raise DlpipeError(f"{where}: the smoke prediction is not finite")
     return served
 
 
@@ -183,10 +211,12 @@ class ModelStore:
                     status.error = None
                     return {"version": version, "changed": False}
                 new = load_version(name, self.sources[name], version, self.providers, self.threads)
-            except DlpipeError as exc:
-                status.error = str(exc)
-                log.warning("%s: kept %s: %s", name, served.version if served else "nothing loaded", exc)
-                return {"version": served.version if served else None, "changed": False, "error": str(exc)}
+            except Exception as exc:  # whatever went wrong, the served version stays (and the poller lives)
+                message = str(exc) if isinstance(exc, DlpipeError) else f"{type(exc).__name__}: {exc}"
+                status.error = message
+                kept = served.version if served else "nothing loaded"
+                log.warning("%s: kept %s: %s", name, kept, message, exc_info=not isinstance(exc, DlpipeError))
+                return {"version": served.version if served else None, "changed": False, "error": message}
             self._models = {**self._models, name: new}  # one assignment: readers see the old or the new
             status.error = None
             if served is not None:

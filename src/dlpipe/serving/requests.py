@@ -31,6 +31,8 @@ def decode_json(body: bytes) -> Any:
         raise BadRequest(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:
         raise BadRequest("the JSON body is nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise BadRequest(f"not valid JSON ({str(exc).split(';')[0]})") from None
 
 
 def merge(batches: list[Batch]) -> Batch:

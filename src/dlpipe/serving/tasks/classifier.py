@@ -23,6 +23,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def _leaves(values: Any) -> list[Any]:
+    return list(np.asarray(values, dtype=object).ravel())
+
+
+def _integers(values: Any) -> bool:
+    """Whether a rectangular nesting of lists holds integers only (JSON true and false are not)."""
+    try:
+        return all(type(value) is int for value in _leaves(values))
+    except ValueError:
+        return False
+
+
 @register_adapter
 class ClassifierAdapter(Adapter):
     task = "classifier"
@@ -60,7 +72,11 @@ class ClassifierAdapter(Adapter):
             pixels = np.asarray(values)
         except ValueError:  # ragged nesting
             raise BadRequest(f"{where}: not a rectangular array") from None
-        if pixels.dtype.kind not in "iu":
+        if pixels.size and pixels.dtype.kind in "fO" and _integers(values):  # past int64: numpy's float or object
+            raise BadRequest(
+                f"{where}: pixel values must lie in 0..255, got {min(_leaves(values))}..{max(_leaves(values))}"
+            )
+        if pixels.size and pixels.dtype.kind not in "iu":  # an empty list is numpy's float64: a shape problem
             kind = {"f": "fractional numbers", "b": "booleans", "U": "strings", "O": "mixed or ragged values"}
             got = kind.get(pixels.dtype.kind, str(pixels.dtype))
             raise BadRequest(f"{where}: pixel values must be integers 0..255, got {got}")

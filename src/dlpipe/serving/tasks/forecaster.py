@@ -53,6 +53,8 @@ class ForecasterAdapter(Adapter):
 
     def parse_json(self, payload: Any, limits: Limits) -> Batch:
         batched = isinstance(payload, dict) and "instances" in payload  # else one {ticker, rows} object
+        if batched and ("rows" in payload or "ticker" in payload):
+            raise BadRequest("give either 'instances' (a list of {ticker, rows} objects) or 'ticker' and 'rows'")
         items = instances(payload, "instances", limits) if batched else [payload]
         rows, context = [], []
         for i, item in enumerate(items):
@@ -83,14 +85,18 @@ class ForecasterAdapter(Adapter):
     def answers(self, outputs: np.ndarray, batch: Batch) -> list[dict[str, Any]]:
         answers = []
         for log_return, info in zip(outputs[:, 0].astype(np.float64), batch.context, strict=True):
+            # The output is log(close[t+1] / close[t]) (the graph's dlpipe.output metadata).
+            try:
+                next_close = info["last_close"] * math.exp(float(log_return))
+            except OverflowError:
+                next_close = math.inf
+            if math.isfinite(log_return) and not math.isfinite(next_close):  # JSON has no Infinity
+                raise BadRequest(
+                    f"{info['ticker']}: the forecast of a {info['last_close']:.6g} close rising by a log return of"
+                    f" {float(log_return):.6g} is beyond the largest number JSON can answer"
+                )
             answers.append(
-                {
-                    **info,
-                    "log_return": float(log_return),
-                    # The output is log(close[t+1] / close[t]) (the graph's dlpipe.output metadata).
-                    "next_close": info["last_close"] * math.exp(float(log_return)),
-                    "persistence": info["last_close"],
-                }
+                {**info, "log_return": float(log_return), "next_close": next_close, "persistence": info["last_close"]}
             )
         return answers
 
