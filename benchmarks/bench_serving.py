@@ -11,7 +11,8 @@ It needs an exported classifier (the default is the pipeline's cnn after `dvc re
 3. times, in this process, ONNX Runtime alone at batch 1 and the whole request path without HTTP
    (`dlpipe.serving.requests.parse` + `answer`: PNG decode, checks, inference, softmax).
 
-Client and server share the machine's cores: on 2 cores the client's own work is part of the figures.
+Client and server share the machine's cores: on 2 cores the client's own work is part of the figures, so
+the CPU seconds each used during the load are reported beside them.
 Results go to `--out` (JSON); the README of this folder quotes them.
 """
 
@@ -158,6 +159,7 @@ async def load(url: str, images: list[bytes], expected: list[int], count: int, c
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime
+    import psutil  # installed with dvc
 
     from dlpipe.data.images import load_split
 
@@ -173,9 +175,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         # One request at a time first: latency without queueing, i.e. what HTTP itself adds.
         serial, serial_failures, _ = asyncio.run(load(url, images, expected, args.runs, 1, args.max_seconds))
+        server, client = psutil.Process(process.pid), psutil.Process()
+        before = (sum(server.cpu_times()[:2]), sum(client.cpu_times()[:2]))
         latencies, failures, elapsed = asyncio.run(
             load(url, images, expected, args.requests, args.concurrency, args.max_seconds)
         )
+        # Who used the cores: on a small machine the load generator competes with the server it measures.
+        cpu = {"server": sum(server.cpu_times()[:2]) - before[0], "client": sum(client.cpu_times()[:2]) - before[1]}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "failures": failures,
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
+        "cpu_seconds": cpu,
+        "server_cpu_ms_per_request": 1000.0 * cpu["server"] / max(len(latencies), 1),
         **percentiles(latencies),
     }
     path_p50 = local["request_path_without_http"]["p50_ms"]

@@ -534,7 +534,7 @@ def test_listing_health_metrics_and_admin(project, server, split_images):
         assert entry["provider"] == CPU and entry["input"]["dtype"] == "float32"
         assert entry["loaded"] is True and entry["last_error"] is None and entry["swaps"] == 0
         assert entry["version"] == tracking.champion_version(project, name)
-        assert entry["source"] == f"models:/dlpipe-{name}@champion"
+        assert entry["source"] == f"models:/dlpipe-{name}@champion" and entry["alias"] == "champion"
         assert httpx.get(f"{server}/v1/models/{name}", timeout=10).json() == entry
     assert models["cnn"]["input"]["shape"] == ["batch", 1, 28, 28] and models["cnn"]["task"] == "classifier"
     assert models["cnn"]["classes"] == [str(i) for i in range(10)]
@@ -582,6 +582,7 @@ def test_a_file_is_served_as_the_registry_graph_is(root, project, split_inputs, 
     with running_server(root, "--file", f"cnn={path}") as url:
         entry = listing(url)["cnn"]
         assert entry["version"] == f"sha256:{sha256_file(path)[:12]}" and entry["source"] == str(path.resolve())
+        assert entry["alias"] is None  # a file follows no alias
         assert entry["provider"] == CPU and entry["input"]["shape"] == ["batch", 1, 28, 28]
         files = [("images", (f"{i}.png", png(image[0]), "image/png")) for i, image in enumerate(split_images[0])]
         response = httpx.post(f"{url}/v1/models/cnn/predict", files=files, timeout=30)

@@ -26,8 +26,13 @@ _ORT_DTYPES = {
 }
 
 
-def create_session(path: Path | str, providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None):
+def create_session(
+    path: Path | str, providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None, spin: bool = True
+):
     """An onnxruntime session on the first available of `providers` ("cuda", "cpu").
+
+    `spin=False` stops the intra-op threads from busy-waiting for the next call: right for a service whose
+    concurrent requests need the cores, wrong for timing back-to-back calls (each would wake the pool).
 
     A CUDA provider that cannot load only warns and falls back to the CPU, so the provider in use is
     whatever `session.get_providers()[0]` says; callers record that, not what they asked for.
@@ -43,6 +48,8 @@ def create_session(path: Path | str, providers: Sequence[str] = ("cuda", "cpu"),
     options.log_severity_level = 3  # errors only: the CUDA-fallback warning is reported via get_providers()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs

@@ -166,7 +166,14 @@ def create_app(
     def listing(name: str) -> dict[str, Any]:
         served, status = store.get(name), store.status[name]
         entry = served.describe() if served else {"name": name, "source": store.sources[name].description}
-        return {**entry, "loaded": served is not None, "last_error": status.error, "swaps": status.swaps}
+        alias = getattr(store.sources[name], "alias", None)  # registry sources: the alias followed
+        return {
+            **entry,
+            "alias": alias,
+            "loaded": served is not None,
+            "last_error": status.error,
+            "swaps": status.swaps,
+        }
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -190,12 +197,14 @@ def create_app(
             media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if media_type == MULTIPART:
                 batch = await _form_batch(request, served, limits)
+                result = await run_in_threadpool(answer, served, batch)
             else:
-                body = await request.body()
-                batch = await run_in_threadpool(
-                    parse, served, media_type or JSON, body, dict(request.query_params), limits
+                body, query = await request.body(), dict(request.query_params)
+                # Parsing and inference in one trip to the thread pool: each trip is a queue to wait in.
+                result = await run_in_threadpool(
+                    lambda: answer(served, parse(served, media_type or JSON, body, query, limits))
                 )
-            response = JSONResponse(await run_in_threadpool(answer, served, batch))
+            response = JSONResponse(result)
         except BadRequest as exc:
             response = error(str(exc), exc.status)
         except Exception as exc:  # a bug, not the client's fault: counted, logged with its traceback, 500

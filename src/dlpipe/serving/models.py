@@ -156,7 +156,8 @@ def load_version(
     with tempfile.TemporaryDirectory(prefix=f"dlpipe-serve-{name}-") as directory:
         path = source.fetch(version, Path(directory))
         try:
-            session = create_session(path, providers, threads)  # read whole into memory: the file may go
+            # Read whole into memory (the file may go); no spinning: the cores serve the other requests.
+            session = create_session(path, providers, threads, spin=False)
             contract = InputContract.of(session)
             served = ServedModel(name, version, source.description, session, contract, adapter_for(contract))
         except DlpipeError as exc:
