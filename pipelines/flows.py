@@ -73,29 +73,32 @@ def dlpipe_pipeline(project: str = ".", models: list[str] | None = None) -> dict
     root = Path(project).resolve()
     config = load_config(root / "params.yaml")  # the params DVC will use: bad values fail before any stage
     selected = config.selected_models(models)
-    datasets = {config.params.models[model] for model in selected}
+    datasets = {config.dataset_of(model) for model in selected}
 
     if "images" in datasets:
         fetch(str(root), "fetch_images")
         run_stage(str(root), "augment")
     if "stocks" in datasets:
         fetch(str(root), "fetch_stocks")
-    # One model after another: on one machine they would only compete for the same cores/GPU.
-    for model in selected:
+    # One model after another: on one machine they would only compete for the same cores/GPU. Generators
+    # come last (all_models' order): their judge, a classifier, is trained first.
+    for model in sorted(selected, key=config.all_models.index):
         for stage in ("train", "export", "evaluate"):
-            run_stage(str(root), f"{stage}@{model}")
+            run_stage(str(root), config.stage_name(stage, model))
     run_stage(str(root), "cost")  # reads neither data nor models: standard vs depthwise separable convolution
     if config.params.distill.teacher in selected:  # distillation needs the teacher trained above
         run_stage(str(root), "distill")
     if "images" in datasets:  # pretrains its own backbone on the fetched images: needs no trained model
         run_stage(str(root), "transfer")
-    if set(selected) == set(config.params.models):
+    if set(selected) == set(config.all_models):
         run_stage(str(root), "report")
     else:
         logger.info("report skipped: it summarises every model in params `models`, and only %s ran", selected)
     metrics = {model: json.loads(config.paths.metrics(model).read_text()) for model in selected}
     for model, values in metrics.items():
-        headline = {k: v for k, v in values.items() if "accuracy" in k or "rmse" in k or k == "verdict"}
+        headline = {
+            k: v for k, v in values.items() if any(w in k for w in ("accuracy", "rmse", "fid")) or k == "verdict"
+        }
         logger.info("%s: %s", model, headline)
     return metrics
 

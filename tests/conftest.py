@@ -30,7 +30,9 @@ def tiny_params() -> dict:
     params["data"]["stocks"].update(start="2008-01-01")
     params["evaluate"]["baselines"].update(arima_order=[1, 0, 0])
     # One epoch on 210 images is far from the production floor; the gate's logic is tested in test_promotion.py.
-    params["promote"].update(thresholds={"onnx_accuracy": 0.2, "rmse_ratio_vs_persistence": 1.5}, max_latency_ms=1000)
+    params["promote"].update(
+        thresholds={"onnx_accuracy": 0.2, "rmse_ratio_vs_persistence": 1.5, "fid_cnn": 1e6}, max_latency_ms=1000
+    )
     params["export"].update(calibration_samples=32)
     params["evaluate"].update(latency_warmup=1, latency_runs=5)
     # 21 training images a class at this limit; a tiny ResNet trains ten times in seconds.
@@ -39,6 +41,9 @@ def tiny_params() -> dict:
     # The teacher must be one of the models above; tests/test_distill.py trains it and sets the student.
     params["distill"].update(teacher="cnn", epochs=1)
     params["cost"].update(channels=[[8, 16], [16, 32]], sizes=[8], batch=4, repeats=3, warmup=1)
+    # The DCGAN's stages run too, judged by the tiny cnn: one epoch of a narrow GAN, FID on 64 samples.
+    params["train"]["dcgan"].update(epochs=1, fid_samples=64, grid_every=1)
+    params["train"]["dcgan"]["net"].update(width=8)
     return params
 
 

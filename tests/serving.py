@@ -20,15 +20,19 @@ READY_TIMEOUT_S = 120
 
 
 def build_project(root: Path) -> Path:
-    """A tiny project (cnn and lstm) trained, exported, evaluated and registered. Returns its root."""
+    """A tiny project (cnn, lstm and the dcgan) trained, exported, evaluated and registered. Returns its root."""
     from dlpipe import stages
     from dlpipe.config import load_config
 
+    # A module-scoped build runs before the per-test isolation fixture: an MLflow URI an earlier test left in
+    # the environment would receive this project's runs and registry, and the server would find none.
+    for key in [key for key in os.environ if key.lstrip("_").startswith("MLFLOW_")]:
+        del os.environ[key]
     config = load_config(write_project(root, tiny_params()))
     stages.fetch_images(config)
     stages.fetch_stocks(config)
     stages.augment(config)
-    for model in config.params.models:
+    for model in config.all_models:
         for stage in ("train", "export", "evaluate"):
             stages.STAGES[stage](config, model)
     return config.paths.root
@@ -62,15 +66,20 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
         process = subprocess.Popen(command, cwd=root, env=env or serving_env(), stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
+            deadline, waiting = time.monotonic() + READY_TIMEOUT_S, "no answer"
             while True:
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    ready = httpx.get(f"{url}/readyz", timeout=2)
+                    if ready.status_code == 200:
                         break
+                    waiting = ready.text  # which models are not loaded, and why
                 except httpx.TransportError:
                     pass
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dlpipe serve did not become ready:\n{log_path.read_text()[-3000:]}")
+                    log_text = log_path.read_text()
+                    raise RuntimeError(
+                        f"dlpipe serve did not become ready: {waiting}\n{log_text[:3000]}\n...\n{log_text[-1000:]}"
+                    )
                 time.sleep(0.2)
             yield url
         finally:

@@ -138,8 +138,8 @@ def test_without_champion_falls_back_to_latest_version_then_train_run_then_dashe
 def test_a_project_without_an_mlflow_store_gives_dashes_and_creates_none(config, capsys):
     rows = compare(config)
 
-    assert [row.model for row in rows] == list(config.params.models)
-    assert [row.task_metric for row in rows] == ["accuracy", "rmse_ratio_vs_persistence"]  # from params
+    assert [row.model for row in rows] == config.all_models == ["cnn", "lstm", "dcgan"]
+    assert [row.task_metric for row in rows] == ["accuracy", "rmse_ratio_vs_persistence", "fid_cnn"]  # from params
     assert all(getattr(row, name) is None for row in rows for name in NUMBER_FIELDS)
     assert not config.paths.mlflow_db.exists()
     assert (config.paths.reports / "compare.csv").is_file()
@@ -152,9 +152,9 @@ def test_compare_writes_the_configured_models_to_reports(config, capsys):
 
     rows = compare(config)
 
-    assert [(row.model, row.source) for row in rows] == [("cnn", FROM_CHAMPION), ("lstm", None)]
+    assert [(row.model, row.source) for row in rows] == [("cnn", FROM_CHAMPION), ("lstm", None), ("dcgan", None)]
     with open(config.paths.reports / "compare.csv", newline="") as handle:
-        assert [line["model"] for line in csv.DictReader(handle)] == ["cnn", "lstm"]
+        assert [line["model"] for line in csv.DictReader(handle)] == ["cnn", "lstm", "dcgan"]
     assert capsys.readouterr().out == ""
 
 

@@ -21,6 +21,8 @@ def test_repository_params_are_valid():
         "gru": "stocks",
         "lstm": "stocks",
     }
+    assert config.params.generators["dcgan"].model_dump() == {"data": "images", "features": "cnn"}
+    assert config.all_models[-1] == "dcgan" and config.stage_name("train", "dcgan") == "train_generator@dcgan"
     assert config.params.data.stocks.tickers == ["GOOG", "MSFT"]
     assert config.params.data.images.source == "mnist_5k"
     assert config.params.data.stocks.source == "sample"

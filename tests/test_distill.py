@@ -272,6 +272,7 @@ def test_a_project_without_the_teacher_loads_and_only_distill_refuses(tmp_path):
 
     params = tiny_params()
     params["models"] = {"lstm": "stocks"}  # the explicit section's teacher, cnn, is not trained here
+    params["generators"] = {}  # nor the images the dcgan imitates
     config = load_config(write_project(tmp_path, params))
     assert list(config.params.models) == ["lstm"]
     with pytest.raises(DlpipeError, match=r"distill\.teacher: 'cnn' is not in models \(lstm\)"):

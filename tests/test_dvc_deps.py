@@ -44,6 +44,18 @@ DATA_READS = {
         "models/${key}/export.json",
         "data/${item}",
     ],
+    # Generators (${item} is their `generators` entry): their judge's checkpoint besides their dataset.
+    "train_generator": ["data/${item.data}", "models/${item.features}/best.ckpt"],
+    "export_generator": ["models/${key}/best.ckpt", "models/${key}/train.json", "data/${item.data}"],
+    "evaluate_generator": [
+        "models/${key}/best.ckpt",
+        "models/${key}/train.json",
+        "models/${key}/model.onnx",
+        "models/${key}/model.int8.onnx",
+        "models/${key}/export.json",
+        "data/${item.data}",
+        "models/${item.features}/best.ckpt",
+    ],
     "report": [
         "reports/metrics",
         "reports/plots",
@@ -55,6 +67,7 @@ DATA_READS = {
     ],
     "distill": ["data/images", "models/${distill.teacher}/best.ckpt"],
     "transfer": ["data/images/raw"],
+    "cost": [],  # random inputs: standard vs depthwise convolution, no data
 }
 
 
@@ -258,6 +271,10 @@ def test_src_deps_exist():
         for dep in stage_deps(definition):
             if dep.startswith("src/"):
                 assert (REPO_ROOT / dep).exists(), f"dvc.yaml stage {name!r}: dep {dep} does not exist"
+
+
+def test_every_stage_says_what_it_reads():
+    assert set(load_dvc_yaml()["stages"]) <= set(DATA_READS), "add the stage's data files to DATA_READS"
 
 
 @pytest.mark.parametrize("stage", sorted(DATA_READS))

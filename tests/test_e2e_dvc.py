@@ -69,7 +69,8 @@ def test_second_repro_runs_nothing(repo):
 def test_dag_lists_every_stage(repo):
     root, env = repo
     dag = run(["dvc", "dag", "--md"], root, env).stdout
-    for stage in ("fetch_images", "fetch_stocks", "augment", "train@cnn", "export@lstm", "evaluate@cnn", "report"):
+    stages = ("fetch_images", "fetch_stocks", "augment", "train@cnn", "export@lstm", "evaluate@cnn", "report")
+    for stage in (*stages, "train_generator@dcgan", "export_generator@dcgan", "evaluate_generator@dcgan"):
         assert stage in dag
 
 

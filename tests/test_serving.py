@@ -529,7 +529,7 @@ def test_listing_health_metrics_and_admin(project, server, split_images):
     assert ready.status_code == 200 and ready.json() == {"ready": True, "waiting": {}}
 
     models = listing(server)
-    assert list(models) == ["cnn", "lstm"]
+    assert list(models) == ["cnn", "lstm", "dcgan"]
     for name, entry in models.items():
         assert entry["provider"] == CPU and entry["input"]["dtype"] == "float32"
         assert entry["loaded"] is True and entry["last_error"] is None and entry["swaps"] == 0

@@ -894,7 +894,7 @@ def test_predict_names_each_bad_file_and_answers_the_good_ones(built, samples, t
     other.write_bytes(samples.png)
     result = predict(built, "cnn", good, truncated, text, other)
     assert result.returncode == 2
-    assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(good), str(other)]
+    assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(good), str(other)], result.stderr
     errors = result.stderr.splitlines()
     assert len(errors) == 2, result.stderr
     assert errors[0].startswith(f"dlpipe: error: {truncated}: ") and "not a readable image" in errors[0]

@@ -9,6 +9,7 @@ import pytest
 
 from dlpipe import stages, tracking
 from dlpipe.errors import DlpipeError
+from dlpipe.tasks import task_of
 
 CLASSIFIER_KEYS = {"test_accuracy", "onnx_accuracy", "onnx_top1_agreement", "macro_f1"}
 FORECASTER_KEYS = {"rmse_ratio_vs_persistence", "dm_pvalue", "skill", "verdict", "directional_accuracy", "tickers"}
@@ -40,7 +41,7 @@ def pipeline_run(tmp_path_factory):
         "fetch_stocks": stages.fetch_stocks(config),
         "augment": stages.augment(config),
     }
-    for model in config.params.models:
+    for model in config.all_models:
         for stage in ("train", "export", "evaluate"):
             results[f"{stage}@{model}"] = stages.STAGES[stage](config, model)
     results["report"] = stages.report(config)
@@ -77,7 +78,7 @@ def test_augment_adds_copies_and_preview(pipeline_run):
     assert (config.paths.figures / "augment_preview.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("model", ["cnn", "lstm"])
+@pytest.mark.parametrize("model", ["cnn", "lstm", "dcgan"])
 def test_train_writes_checkpoint_and_one_tagged_run(pipeline_run, model):
     config, results = pipeline_run
     info = results[f"train@{model}"]
@@ -89,8 +90,9 @@ def test_train_writes_checkpoint_and_one_tagged_run(pipeline_run, model):
     assert run.data.tags["params_hash"] == config.params_hash
     assert run.data.tags["data_sha256"] == info["data_sha256"]
     assert "git_sha" in run.data.tags
-    assert "val/loss" in run.data.metrics and "train_seconds" in run.data.metrics
-    history = tracking.client(config).get_metric_history(info["run_id"], "val/loss")
+    monitor = task_of(config, model).monitor[0]  # val/acc, val/loss, val/fid
+    assert info["monitor"] == monitor and monitor in run.data.metrics and "train_seconds" in run.data.metrics
+    history = tracking.client(config).get_metric_history(info["run_id"], monitor)
     assert len(history) >= 1
     artifacts = {a.path for a in tracking.client(config).list_artifacts(info["run_id"], "checkpoints")}
     assert artifacts == {"checkpoints/best.ckpt"}
@@ -154,7 +156,7 @@ def test_forecaster_is_judged_per_ticker_on_the_plotted_days(pipeline_run):
     assert metrics["verdict"].startswith("lstm on GOOG + MSFT: ")
 
 
-@pytest.mark.parametrize("model", ["cnn", "lstm"])
+@pytest.mark.parametrize("model", ["cnn", "lstm", "dcgan"])
 def test_export_registers_fp32_and_int8_and_the_gate_names_the_champion(pipeline_run, model):
     config, results = pipeline_run
     export_info, client = results[f"export@{model}"], tracking.client(config)
@@ -174,7 +176,11 @@ def test_export_registers_fp32_and_int8_and_the_gate_names_the_champion(pipeline
 
 @pytest.mark.parametrize(
     ("model", "quantization", "metric"),
-    [("cnn", "int8-static", "int8_accuracy"), ("lstm", "int8-dynamic", "int8_rmse_ratio_vs_persistence")],
+    [
+        ("cnn", "int8-static", "int8_accuracy"),
+        ("lstm", "int8-dynamic", "int8_rmse_ratio_vs_persistence"),
+        ("dcgan", "int8-dynamic", "int8_fid_cnn"),
+    ],
 )
 def test_int8_variant_is_smaller_and_measured(pipeline_run, model, quantization, metric):
     import onnx
@@ -250,7 +256,7 @@ def _readme_deployment_examples() -> list[str]:
     from conftest import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("## Deploying the ONNX file", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Using the ONNX file directly", 1)[1].split("\n## ", 1)[0]
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
 
 
@@ -295,11 +301,34 @@ def test_onnx_model_runs_in_onnxruntime_with_dynamic_batch(pipeline_run):
 def test_report_summarises_all_models(pipeline_run):
     config, results = pipeline_run
     summary = json.loads(config.paths.summary.read_text())
-    assert set(summary) == {"cnn", "lstm"}
+    assert set(summary) == {"cnn", "lstm", "dcgan"}
     page = config.paths.report_html.read_text()
     assert "<table>" in page and "plots/cnn/confusion.png" in page and "plots/lstm/forecast_GOOG.png" in page
+    assert "figures/dcgan_samples.png" in page and "Generated images" in page
     lstm = summary["lstm"]
     assert "skill over persistence" in page and lstm["verdict"] in page and lstm["tickers"]["MSFT"]["verdict"] in page
+
+
+def test_generator_is_trained_exported_and_judged(pipeline_run):
+    config, results = pipeline_run
+    train = results["train@dcgan"]
+    assert train["monitor"] == "val/fid" and train["best_score"] > 0 and "test/fid" in train["test"]
+    # The judge is the trained cnn: the generator's stages ran after it, and its FID is on that scale.
+    parity = results["export@dcgan"]["parity"]
+    assert set(parity) >= {"batch 1", "batch 7", "batch 64"} and max(parity.values()) <= 1e-4
+    metrics = json.loads(config.paths.metrics("dcgan").read_text())
+    assert metrics["features"] == "cnn" and metrics["fid_samples"] == 64
+    assert metrics["fid_cnn"] > metrics["fid_cnn_real_floor"] > 0  # one epoch of a tiny GAN is far from real
+    assert metrics["fid_cnn_over_floor"] == pytest.approx(metrics["fid_cnn"] / metrics["fid_cnn_real_floor"])
+    assert metrics["diversity_ratio"] >= 0 and 0 <= metrics["classes_drawn"] <= 10
+    assert list(metrics["class_counts"]) == [str(c) for c in range(10)] and sum(metrics["class_counts"].values()) == 64
+    assert metrics["latency_ms_onnx_b64_p50"] > 0 and metrics["latency_ms_torch_b64_p50"] > 0
+    assert metrics["warning"] == "none" and metrics["discriminator_longest_win_epochs"] == 0
+    assert config.paths.samples_grid("dcgan").stat().st_size > 1000
+    assert (config.paths.plots("dcgan") / "class_counts.png").is_file()
+    # grid_every 1 in the tiny params: one grid per epoch in the MLflow run.
+    artifacts = {a.path for a in tracking.client(config).list_artifacts(train["run_id"], "samples")}
+    assert artifacts == {"samples/epoch_001.png"}
 
 
 def test_parity_failure_keeps_previous_onnx(pipeline_run, monkeypatch):

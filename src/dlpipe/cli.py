@@ -22,6 +22,7 @@ COMMANDS = {
     "rollback": "give the champion alias back to the previous champion of MODEL",
     "serve": "serve the champions over HTTP (see `dlpipe serve --help`)",
     "predict": "predict on files: `dlpipe predict MODEL FILE...` (see `dlpipe predict --help`)",
+    "generate": "images from an exported generator: `dlpipe generate --n N --seed S --out DIR|grid.png`",
 }
 
 

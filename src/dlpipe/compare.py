@@ -393,6 +393,6 @@ def write_csv(rows: Iterable[CompareRow], path: Path) -> None:
 
 def compare(config: Config) -> list[CompareRow]:
     """The configured models' rows from MLflow, written to reports/compare.csv (printing is the caller's)."""
-    rows = rows_from_mlflow(config, list(config.params.models))
+    rows = rows_from_mlflow(config, config.all_models)
     write_csv(rows, config.paths.reports / CSV_NAME)
     return rows

@@ -247,7 +247,7 @@ class ServeParams(_Strict):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    models: list[str] | None = None  # served from the registry; null: every model of `models`
+    models: list[str] | None = None  # served from the registry; null: every model of `models` and `generators`
     alias: str = "champion"  # the registry alias each model is served at (models:/dlpipe-<model>@<alias>)
     poll_seconds: Annotated[float, Field(ge=0.0)] = 30.0  # alias check interval; 0: only POST /v1/admin/reload
     providers: list[Literal["cuda", "cpu"]] = Field(default_factory=lambda: ["cuda", "cpu"])
@@ -340,10 +340,19 @@ class TransferParams(_Strict):
         return self
 
 
+class GeneratorEntry(_Strict):
+    """One generative model: its dataset and the trained classifier whose features judge it (FID)."""
+
+    data: Literal[DATASETS]
+    features: str  # a classifier in `models`, trained before the generator (dvc.yaml orders them)
+
+
 class Params(_Strict):
     seed: int
     # model -> the dataset it trains on; dvc.yaml makes each model's stages depend on data/<dataset> only.
     models: dict[str, Literal[DATASETS]] = Field(min_length=1)
+    # Generative models, in their own dvc.yaml stages: they also depend on their judge's checkpoint.
+    generators: dict[str, GeneratorEntry] = Field(default_factory=dict)
     data: DataParams
     augment: AugmentParams
     trainer: TrainerParams = TrainerParams()
@@ -364,6 +373,15 @@ class Params(_Strict):
         for name in self.models:
             if name not in self.train:
                 raise ValueError(f"model {name!r} is listed in models but has no train.{name} section")
+        for name, entry in self.generators.items():
+            if name in self.models:
+                raise ValueError(f"generators.{name}: {name!r} is in models too; a model is in one of them")
+            if name not in self.train:
+                raise ValueError(f"generators.{name}: listed in generators but has no train.{name} section")
+            if entry.features not in self.models:
+                raise ValueError(
+                    f"generators.{name}.features: {entry.features!r} is not in models ({', '.join(self.models)})"
+                )
         return self
 
 
@@ -450,6 +468,10 @@ class Paths:
     @property
     def augment_preview(self) -> Path:
         return self.figures / "augment_preview.png"
+
+    def samples_grid(self, model: str) -> Path:
+        """A generator's final 8x8 sample grid (evaluate writes it from the exported graph)."""
+        return self.figures / f"{model}_samples.png"
 
     def metrics(self, model: str) -> Path:
         return self.reports / "metrics" / f"{model}.json"
@@ -543,14 +565,28 @@ class Config:
             raise DlpipeError(f"unknown model {model!r}: no train.{model} section in {self.params_file}")
         return self.params.train[model]
 
+    @property
+    def all_models(self) -> list[str]:
+        """`models`, then `generators` (which are judged by models and so come after them), in params order."""
+        return [*self.params.models, *self.params.generators]
+
+    def dataset_of(self, model: str) -> str:
+        if model in self.params.generators:
+            return self.params.generators[model].data
+        return self.params.models[model]
+
+    def stage_name(self, stage: str, model: str) -> str:
+        """The dvc.yaml stage of `stage` (train, export, evaluate) for `model`: generators have their own."""
+        return f"{stage}_generator@{model}" if model in self.params.generators else f"{stage}@{model}"
+
     def selected_models(self, requested: list[str] | None = None) -> list[str]:
-        """`requested` (default: all of `models`), each checked to be one of the configured models."""
+        """`requested` (default: all of `models` and `generators`), each checked to be a configured model."""
         if not requested:
-            return list(self.params.models)  # the mapping's keys, in params order
+            return self.all_models
         for model in requested:
             self.train_params(model)
-            if model not in self.params.models:
-                raise DlpipeError(f"model {model!r} is not in models: {list(self.params.models)} of {self.params_file}")
+            if model not in self.all_models:
+                raise DlpipeError(f"model {model!r} is not in models: {self.all_models} of {self.params_file}")
         return list(requested)
 
 
@@ -628,6 +664,7 @@ class ServingParams(_Strict):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     models: dict[str, Literal[DATASETS]] = Field(min_length=1)
+    generators: dict[str, GeneratorEntry] = Field(default_factory=dict)
     mlflow: MlflowParams = MlflowParams()
     serve: ServeParams = ServeParams()
 
@@ -699,7 +736,29 @@ def _with_checked_models(params: Params, params_file: Path) -> Params:
             raise DlpipeError(
                 f"{params_file}: models.{name}: a {train.task} trains on {dataset}, not {params.models[name]}"
             )
+        if name in params.generators and params.generators[name].data != dataset:
+            given = params.generators[name].data
+            raise DlpipeError(f"{params_file}: generators.{name}.data: a {train.task} trains on {dataset}, not {given}")
+    _check_generators(params, params_file)
     return params.model_copy(update={"train": checked})
+
+
+def _check_generators(params: Params, params_file: Path) -> None:
+    """A generator's judge is a classifier of the same images (its penultimate features are compared)."""
+    from dlpipe.tasks.classifier import ClassifierTask
+
+    for name, entry in params.generators.items():
+        judge = params.train[entry.features].task
+        if judge != ClassifierTask.name:
+            raise DlpipeError(
+                f"{params_file}: generators.{name}.features: {entry.features!r} is a {judge}, "
+                f"not a {ClassifierTask.name}"
+            )
+        if params.models[entry.features] != entry.data:
+            raise DlpipeError(
+                f"{params_file}: generators.{name}.features: {entry.features!r} trains on "
+                f"{params.models[entry.features]}, not on the generator's {entry.data}"
+            )
 
 
 def check_distill(params: Params, params_file: Path, running: bool = False) -> Params:

@@ -47,10 +47,11 @@ def _figure(reports_dir: Path, image: Path, title: str) -> str:
     return f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
 
 
-def _forecast_row(scope: str, scores: dict[str, Any], baselines: dict[str, Any]) -> list[str]:
-    def number(value: Any, pattern: str) -> str:
-        return "-" if value is None else pattern.format(value)
+def number(value: Any, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
 
+
+def _forecast_row(scope: str, scores: dict[str, Any], baselines: dict[str, Any]) -> list[str]:
     return [
         scope,
         number(scores["rmse_ratio_vs_persistence"], "{:.4f}"),
@@ -93,6 +94,32 @@ def render_forecasts(summary: dict[str, dict[str, Any]]) -> str:
         "<h2>Stock forecasts: skill over persistence?</h2><p>Same test days for every model and baseline; "
         "<em>skill</em> only when the RMSE is lower and the Diebold-Mariano test (Harvey-Leybourne-Newbold "
         "correction) rejects equal accuracy.</p>" + _table(header, rows) + f"<ul>{items}</ul>"
+    )
+
+
+def render_generators(summary: dict[str, dict[str, Any]]) -> str:
+    """Each generator's FID beside the real-vs-real floor, its diversity and the classes it draws."""
+    generators = {model: m for model, m in summary.items() if "fid_cnn" in m}
+    if not generators:
+        return ""
+    header = ["model", "FID (judge)", "real floor", "FID / floor", "diversity", "classes drawn", "warning"]
+    rows = [
+        [
+            f"{model} ({m.get('features', '?')} features)",
+            number(m["fid_cnn"], "{:.1f}"),
+            number(m["fid_cnn_real_floor"], "{:.1f}"),
+            number(m.get("fid_cnn_over_floor"), "{:.1f}"),
+            number(m["diversity_ratio"], "{:.2f}"),
+            f"{m['classes_drawn']} of {len(m.get('class_counts') or {})}",
+            str(m.get("warning", "none")),
+        ]
+        for model, m in generators.items()
+    ]
+    return (
+        "<h2>Generated images: how far from real?</h2><p>FID in the judge classifier's penultimate features, "
+        "generated vs real test images; the floor is the same distance between real training and test images. "
+        "Diversity is the generated images' mean pairwise feature distance over the real ones' (near 0: "
+        "collapse).</p>" + _table(header, rows)
     )
 
 
@@ -172,6 +199,9 @@ def render_html(
     if preview.is_file():
         figures.append(("Augmentation preview", preview.relative_to(reports_dir)))
     for model in summary:
+        grid = reports_dir / "figures" / f"{model}_samples.png"  # a generator's samples
+        if grid.is_file():
+            figures.append((f"{model}: generated samples", grid.relative_to(reports_dir)))
         for image in sorted((reports_dir / "plots" / model).glob("*.png")):
             figures.append((f"{model}: {image.stem}", image.relative_to(reports_dir)))
     gallery = "".join(
@@ -199,6 +229,7 @@ accuracy and errors through ONNX Runtime on the held-out test split.</p>
 <h2>Accuracy, speed and size: PyTorch, ONNX Runtime fp32 and int8</h2>
 {compare_table}
 {render_forecasts(summary)}
+{render_generators(summary)}
 <h2>Figures</h2>{gallery}
 {render_recipes(recipes or {}, reports_dir)}
 </body></html>

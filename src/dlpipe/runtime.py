@@ -57,6 +57,12 @@ def create_session(
         raise DlpipeError(f"{path}: not a loadable ONNX model ({first})") from exc
 
 
+def latent_vectors(count: int, latent_dim: int, seed: int) -> np.ndarray:
+    """A generator's input: `count` standard-normal latent vectors, float32 (count, latent_dim), the same
+    for the same seed wherever they are drawn (training's sample grids, `dlpipe generate`, serving)."""
+    return np.random.default_rng(seed).standard_normal((count, latent_dim), dtype=np.float32)
+
+
 def run_batched(session, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """The model's first output for `inputs`, computed `batch_size` rows at a time."""
     name = session.get_inputs()[0].name

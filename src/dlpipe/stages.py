@@ -254,7 +254,7 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
 def report(config: Config) -> dict[str, Any]:
     from dlpipe.report import write_report
 
-    summary = {model: read_json(config.paths.metrics(model)) for model in config.params.models}
+    summary = {model: read_json(config.paths.metrics(model)) for model in config.all_models}
     paths = config.paths
     recipes = {
         name: read_json(path) if path.is_file() else None
@@ -370,9 +370,15 @@ def predict_command(argv: list[str]) -> int:
     return predict(argv)
 
 
+def generate_command(argv: list[str]) -> int:
+    from dlpipe.generate import main  # onnxruntime only, like serving
+
+    return main(argv)
+
+
 COMMANDS = {"compare": compare_command, "promote": promote_command, "rollback": rollback_command}
 # Commands with their own options (argv after the command name); they read only the serving params.
-ARGV_COMMANDS = {"serve": serve_command, "predict": predict_command}
+ARGV_COMMANDS = {"serve": serve_command, "predict": predict_command, "generate": generate_command}
 STAGES = {
     "fetch_images": fetch_images,
     "fetch_stocks": fetch_stocks,

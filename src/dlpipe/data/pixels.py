@@ -63,3 +63,29 @@ def image_pixels(image, channels: int) -> np.ndarray:
         raise DlpipeError(f"images have 1 or 3 channels, not {channels}")
     pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """float pixels in [0, 1] (a generator's output) -> uint8, rounded, values outside clipped."""
+    return np.clip(np.rint(np.asarray(pixels, dtype=np.float32) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+
+
+def image_grid(pixels: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray:
+    """uint8 images (N, C, H, W) tiled row by row into one uint8 image (H', W') or (H', W', C), with a
+    `gap`-pixel white border between them."""
+    count, channels, height, width = pixels.shape
+    rows = -(-count // columns)
+    grid = np.full((channels, rows * (height + gap) + gap, columns * (width + gap) + gap), 255, dtype=np.uint8)
+    for index in range(count):
+        top, left = gap + (index // columns) * (height + gap), gap + (index % columns) * (width + gap)
+        grid[:, top : top + height, left : left + width] = pixels[index]
+    return grid[0] if channels == 1 else grid.transpose(1, 2, 0)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 (H, W) or (H, W, C) image as PNG bytes (lossless)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

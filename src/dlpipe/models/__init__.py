@@ -13,6 +13,6 @@ from dlpipe.models.registry import (
 )
 
 # Importing the family modules registers their models.
-from dlpipe.models import alexnet, cnn, inception, mlp, mobilenet, resnet, rnn, vgg  # noqa: E402,F401,I001
+from dlpipe.models import alexnet, cnn, dcgan, inception, mlp, mobilenet, resnet, rnn, vgg  # noqa: E402,F401,I001
 
 __all__ = ["ModelSpec", "count_trainable_parameters", "get_model", "get_spec", "list_models", "register_model"]

@@ -1,6 +1,7 @@
 """`dlpipe serve` (the HTTP service) and `dlpipe predict MODEL FILE...` (the same code path on files).
 
-Both read params with `load_serving_config` (the `models`, `mlflow` and `serve` sections): no torch.
+Both read params with `load_serving_config` (the `models`, `generators`, `mlflow` and `serve` sections): no
+torch. A generator is served too (`{"n", "seed", "format"}` in, images out); `dlpipe predict` refuses one.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ def limits_of(config: ServingConfig) -> Limits:
     return Limits(max_batch=serve.max_batch, max_image_pixels=serve.max_image_pixels)
 
 
+def servable_models(config: ServingConfig) -> list[str]:
+    """Every model the registry can serve: `models`, then `generators`, in params order."""
+    return [*config.params.models, *config.params.generators]
+
+
 def registry_source(config: ServingConfig, model: str) -> RegistrySource:
     from dlpipe.tracking import registered_name, tracking_uri
 
-    if model not in config.params.models:
+    if model not in servable_models(config):
         raise DlpipeError(
-            f"unknown model {model!r}: not in models of {config.params_file} ({', '.join(config.params.models)})"
+            f"unknown model {model!r}: not in models or generators of {config.params_file}"
+            f" ({', '.join(servable_models(config))})"
         )
     return RegistrySource(tracking_uri(config), registered_name(model), config.params.serve.alias)
 
@@ -57,7 +64,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="interface to listen on (default: serve.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     p.add_argument(
-        "--models", default=None, help="comma-separated models to serve from the registry (default: serve.models)"
+        "--models",
+        default=None,
+        help="comma-separated models to serve from the registry (default: serve.models, else every model of"
+        " `models` and `generators`)",
     )
     p.add_argument(
         "--file", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX file as NAME (repeatable)"
@@ -80,7 +90,7 @@ def serve(argv: list[str]) -> int:
     if args.file:
         sources = file_sources(args.file)
     else:
-        names = args.models.split(",") if args.models else settings.models or list(config.params.models)
+        names = args.models.split(",") if args.models else settings.models or servable_models(config)
         sources = {name: registry_source(config, name) for name in names}
     store = ModelStore(sources, tuple(settings.providers), settings.threads)
     poll = settings.poll_seconds if args.poll is None else args.poll
@@ -99,7 +109,10 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model name (its registry alias serve.alias is used unless --file is given)")
     p.add_argument(
-        "files", nargs="+", type=Path, help="images (PNG or JPEG) for classifiers; OHLCV CSV files for forecasters"
+        "files",
+        nargs="+",
+        type=Path,
+        help="images (PNG or JPEG) for classifiers; OHLCV CSV files for forecasters (generators: `dlpipe generate`)",
     )
     p.add_argument("--file", dest="onnx", type=Path, default=None, help="an ONNX file instead of the registry")
     p.add_argument(

@@ -119,7 +119,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 def adapter_for(contract: InputContract) -> Adapter:
     """The adapter of the task export recorded in the graph (`dlpipe.task`)."""
-    from dlpipe.serving.tasks import classifier, forecaster  # noqa: F401 - registers the adapters
+    from dlpipe.serving.tasks import classifier, forecaster, generator  # noqa: F401 - registers the adapters
 
     task = contract.metadata.get("dlpipe.task")
     if task not in _ADAPTERS:
