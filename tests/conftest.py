@@ -3,9 +3,14 @@ one epoch), so nothing touches the repository's data/, models/, reports/ or mlfl
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -54,6 +59,19 @@ def write_project(root: Path, params: dict) -> Path:
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     return params_file
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package), forgotten afterwards."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -89,3 +89,23 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def listing(url: str) -> dict[str, dict]:
+    """`GET /v1/models` by model name."""
+    response = httpx.get(f"{url}/v1/models", timeout=10)
+    assert response.status_code == 200, response.text
+    return {entry["name"]: entry for entry in response.json()["models"]}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the service's Prometheus metrics (0 when it has not been counted yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0

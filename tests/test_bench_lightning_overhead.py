@@ -3,31 +3,22 @@ loop on the same data and seed must give the same losses. Behaviour only: no wal
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import benchmark_module
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 pytest.importorskip("lightning")
 pytest.importorskip("mlxtend")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lightning_overhead.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lightning_overhead", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("bench_lightning_overhead") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch):

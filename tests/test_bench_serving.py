@@ -4,28 +4,18 @@ Behaviour only: no wall-clock assertions."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_params, write_project
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+from conftest import benchmark_module, tiny_params, write_project
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("bench_serving") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

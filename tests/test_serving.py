@@ -37,7 +37,7 @@ from dlpipe.io import read_json, sha256_file
 from dlpipe.runtime import InputContract, create_session, run_batched
 from dlpipe.serving.models import FileSource, ModelStore
 from dlpipe.serving.tasks import Limits, adapter_for
-from serving import build_project, running_server, serving_env
+from serving import build_project, listing, metric, running_server, serving_env
 
 TOKEN = "s3cret-admin-token"
 LIMITS = Limits(max_batch=64, max_image_pixels=4096 * 4096)
@@ -91,24 +91,6 @@ def png(pixels: np.ndarray) -> bytes:
 def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def listing(url: str) -> dict[str, dict]:
-    response = httpx.get(f"{url}/v1/models", timeout=10)
-    assert response.status_code == 200, response.text
-    return {entry["name"]: entry for entry in response.json()["models"]}
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    response = httpx.get(f"{url}/metrics", timeout=10)
-    assert response.status_code == 200
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 def same_graph(a: Path, b: Path) -> bool:

@@ -34,7 +34,7 @@ from dlpipe.errors import DlpipeError
 from dlpipe.runtime import InputContract
 from dlpipe.serving.cli import predict, registry_source
 from dlpipe.serving.tasks import Batch, adapter_for
-from serving import build_project, running_server, serving_env
+from serving import build_project, listing, metric, running_server, serving_env
 
 MAX_BATCH = 8  # serve.max_batch here: the over-the-limit case is cheap to send
 PREDICT = "/v1/models/dcgan/predict"
@@ -105,24 +105,6 @@ def decoded(predictions: list[dict]) -> np.ndarray:
         assert image.format == "PNG"
         images.append(np.asarray(image))
     return np.stack(images)
-
-
-def listing(url: str) -> dict[str, dict]:
-    response = httpx.get(f"{url}/v1/models", timeout=10)
-    assert response.status_code == 200, response.text
-    return {entry["name"]: entry for entry in response.json()["models"]}
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    response = httpx.get(f"{url}/metrics", timeout=10)
-    assert response.status_code == 200
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------- listing
