@@ -74,6 +74,15 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
         sys.modules.pop(spec.name, None)
 
 
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """A tiny project after a complete run (cnn, lstm and dcgan trained, exported, evaluated; champions in
+    its registry), built once a session. Read-only: take a `serving.copy_project` to change anything."""
+    from serving import build_project
+
+    return build_project(tmp_path_factory.mktemp("built-once") / "project")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     # A developer's MLFLOW_TRACKING_URI must not receive test runs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,17 @@ def build_project(root: Path) -> Path:
         for stage in ("train", "export", "evaluate"):
             stages.STAGES[stage](config, model)
     return config.paths.root
+
+
+def copy_project(template: Path, root: Path) -> Path:
+    """A copy of a built project, its MLflow store re-rooted at the copy's own artifacts: a test may
+    register versions, move aliases or edit params without touching the template or other modules' copies."""
+    from dlpipe import tracking
+    from dlpipe.config import load_config
+
+    shutil.copytree(template, root, symlinks=True)
+    tracking.reroot_local_store(load_config(root / "params.yaml"))
+    return root
 
 
 def serving_env() -> dict[str, str]:

@@ -49,8 +49,8 @@ def test_one_finished_tagged_run_per_model(repo):
         runs = mlflow.search_runs(experiment_names=["dlpipe"], filter_string="attributes.status = 'FINISHED'")
     finally:
         mlflow.set_tracking_uri(previous)
-    # One run per trained model, plus one each for the distillation and transfer-learning comparisons.
-    assert sorted(runs["tags.stage"]) == ["distill", "train", "train", "transfer"]
+    # One run per trained model (cnn, lstm, dcgan), plus one each for distillation and transfer learning.
+    assert sorted(runs["tags.stage"]) == ["distill", "train", "train", "train", "transfer"]
     runs = runs[runs["tags.stage"] == "train"]
     assert sorted(runs["tags.model"]) == ["cnn", "lstm"]
     for column in ("tags.git_sha", "tags.params_hash", "tags.data_sha256"):

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import tiny_params, write_project
 from dlpipe.tasks.gan_quality import (
     FEATURE_BATCH,
     PenultimateFeatures,
@@ -37,9 +36,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    """A tiny project with its cnn and dcgan trained (one epoch each), built once for the module."""
-    from dlpipe import stages
+def world(built_project) -> World:
+    """The session's tiny project: its cnn and dcgan trained one epoch each (read only here)."""
     from dlpipe.config import load_config
     from dlpipe.data.images import load_split
     from dlpipe.data.pixels import unit_float
@@ -47,11 +45,7 @@ def world(tmp_path_factory) -> World:
     from dlpipe.tasks import task_of
     from dlpipe.tasks.generator import SCORE_SEED, feature_extractor
 
-    config = load_config(write_project(tmp_path_factory.mktemp("gan_quality") / "project", tiny_params()))
-    stages.fetch_images(config)
-    stages.augment(config)
-    stages.train(config, "cnn")
-    stages.train(config, "dcgan")
+    config = load_config(built_project / "params.yaml")
     x_test, _ = load_split(config.paths.raw_images, "test")
     x_train, _ = load_split(config.paths.raw_images, "train")
     test, train = torch.from_numpy(unit_float(x_test)), torch.from_numpy(unit_float(x_train))

@@ -19,16 +19,15 @@ from PIL import Image
 
 from dlpipe.data.pixels import image_grid, to_uint8
 from dlpipe.runtime import create_session, latent_vectors, run_batched
-from serving import build_project, serving_env
+from serving import copy_project, serving_env
 
 MODEL = "dcgan"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """A tiny project after a complete run (cnn, lstm, dcgan), built once for the module."""
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    return build_project(tmp_path_factory.mktemp("generate") / "project")
+def root(built_project, tmp_path_factory) -> Path:
+    """A copy of the session's tiny project after a complete run (cnn, lstm, dcgan)."""
+    return copy_project(built_project, tmp_path_factory.mktemp("generate") / "project")
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,7 @@ def _max_abs_diff(a, b) -> float:
 def test_sigkill_then_dvc_repro_resumes_exactly(tmp_path):
     params = tiny_params()
     params["models"] = {"lstm": "stocks"}
+    params["generators"] = {}  # the dcgan's judge, cnn, is not trained here
     # Small batches: epochs of about a second, so the kill lands mid-training, well before the end.
     params["train"]["lstm"].update(epochs=8, patience=8, batch_size=16)
     epochs_before_kill = 3

@@ -182,7 +182,7 @@ def test_deploy_schedule_and_worker_run(prefect_server, project, mlflow_server, 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert sorted(r.data.tags["stage"] for r in runs) == ["distill", "train", "train", "transfer"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["distill", "train", "train", "train", "transfer"]
     runs = [r for r in runs if r.data.tags["stage"] == "train"]
     assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "lstm"]
     cnn_run = next(r for r in runs if r.data.tags["model"] == "cnn")

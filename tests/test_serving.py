@@ -37,7 +37,7 @@ from dlpipe.io import read_json, sha256_file
 from dlpipe.runtime import InputContract, create_session, run_batched
 from dlpipe.serving.models import FileSource, ModelStore
 from dlpipe.serving.tasks import Limits, adapter_for
-from serving import build_project, listing, metric, running_server, serving_env
+from serving import copy_project, listing, metric, running_server, serving_env
 
 TOKEN = "s3cret-admin-token"
 LIMITS = Limits(max_batch=64, max_image_pixels=4096 * 4096)
@@ -48,12 +48,8 @@ CPU = "CPUExecutionProvider"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-            patch.delenv(key, raising=False)
-        patch.delenv("DLPIPE_PARAMS", raising=False)
-        return build_project(tmp_path_factory.mktemp("serving") / "project")
+def root(built_project, tmp_path_factory) -> Path:
+    return copy_project(built_project, tmp_path_factory.mktemp("serving") / "project")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from dlpipe.errors import DlpipeError
 from dlpipe.runtime import InputContract
 from dlpipe.serving.cli import predict, registry_source
 from dlpipe.serving.tasks import Batch, adapter_for
-from serving import build_project, listing, metric, running_server, serving_env
+from serving import copy_project, listing, metric, running_server, serving_env
 
 MAX_BATCH = 8  # serve.max_batch here: the over-the-limit case is cheap to send
 PREDICT = "/v1/models/dcgan/predict"
@@ -45,12 +45,8 @@ JSON = "application/json"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-            patch.delenv(key, raising=False)
-        patch.delenv("DLPIPE_PARAMS", raising=False)
-        root = build_project(tmp_path_factory.mktemp("serving_generator") / "project")
+def root(built_project, tmp_path_factory) -> Path:
+    root = copy_project(built_project, tmp_path_factory.mktemp("serving_generator") / "project")
     params_file = root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["serve"].update(max_batch=MAX_BATCH, threads=1)  # only the server reads `serve`

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serving import build_project, running_server, serving_env
+from serving import copy_project, running_server, serving_env
 
 # Smaller than the defaults, so the 413 and batch cases are cheap to send.
 MAX_BODY = 2 * 1024 * 1024
@@ -48,9 +48,9 @@ class Samples:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
+def built(built_project, tmp_path_factory) -> Path:
     """A tiny trained project whose params hold the serving limits above (only the server reads `serve`)."""
-    root = build_project(tmp_path_factory.mktemp("serving_requests") / "project")
+    root = copy_project(built_project, tmp_path_factory.mktemp("serving_requests") / "project")
     params_file = root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["serve"].update(max_body_bytes=MAX_BODY, max_batch=MAX_BATCH, max_image_pixels=MAX_PIXELS, threads=1)
