@@ -52,7 +52,7 @@ def test_one_finished_tagged_run_per_model(repo):
     # One run per trained model (cnn, lstm, dcgan), plus one each for distillation and transfer learning.
     assert sorted(runs["tags.stage"]) == ["distill", "train", "train", "train", "transfer"]
     runs = runs[runs["tags.stage"] == "train"]
-    assert sorted(runs["tags.model"]) == ["cnn", "lstm"]
+    assert sorted(runs["tags.model"]) == ["cnn", "dcgan", "lstm"]
     for column in ("tags.git_sha", "tags.params_hash", "tags.data_sha256"):
         assert runs[column].notna().all() and (runs[column] != "").all()
     git_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()

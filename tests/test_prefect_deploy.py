@@ -184,7 +184,7 @@ def test_deploy_schedule_and_worker_run(prefect_server, project, mlflow_server, 
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.tags["stage"] for r in runs) == ["distill", "train", "train", "train", "transfer"]
     runs = [r for r in runs if r.data.tags["stage"] == "train"]
-    assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "lstm"]
+    assert sorted(r.data.tags["model"] for r in runs) == ["cnn", "dcgan", "lstm"]
     cnn_run = next(r for r in runs if r.data.tags["model"] == "cnn")
     assert [a.path for a in client.list_artifacts(cnn_run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
     champion = client.get_model_version_by_alias("dlpipe-cnn", "champion")
