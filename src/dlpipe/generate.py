@@ -79,6 +79,8 @@ def _write_folder(images, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DlpipeError(f"--out {out}: exists and is not a folder")
     target = out if out.is_dir() else Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    if target != out:
+        target.chmod(0o755)  # mkdtemp's private 0700 is for the temporary name, not for the folder it becomes
     try:
         for index, pixels in enumerate(images):
             with atomic_path(target / f"{index:0{width}d}.png") as tmp:
