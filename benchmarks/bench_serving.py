@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -51,16 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=500, help="timed in-process calls per figure (default: 500)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default: {DEFAULT_OUT})")
     return p.parse_args(argv)
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """(C, H, W) uint8 -> a lossless PNG, as a client would upload the image."""
-    from PIL import Image
-
-    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def percentiles(milliseconds: np.ndarray) -> dict[str, float]:
@@ -162,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import psutil  # installed with dvc
 
     from dlpipe.data.images import load_split
+    from dlpipe.data.pixels import image_layout, png_bytes
 
     args = parse_args(argv)
     root = args.root.resolve()
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not onnx.is_file():
         raise SystemExit(f"{onnx}: not found; run `dvc repro` first or pass --onnx")
     x, _ = load_split(root / "data" / "images" / "raw", "test")
-    images = [png_bytes(pixels) for pixels in x]
+    images = [png_bytes(image_layout(pixels)) for pixels in x]  # PNG files, as a client uploads them
     local, expected = in_process(onnx, images, args.runs, args.threads)
     process, url, params = start_server(root, onnx, args.threads)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dlpipe.config import load_serving_config
-from dlpipe.data.pixels import image_grid, png_bytes, to_uint8
+from dlpipe.data.pixels import image_grid, image_layout, png_bytes, to_uint8
 from dlpipe.errors import DlpipeError
 from dlpipe.io import atomic_path
 from dlpipe.runtime import InputContract, create_session, latent_vectors, run_batched
@@ -84,7 +84,7 @@ def _write_folder(images, out: Path) -> None:
     try:
         for index, pixels in enumerate(images):
             with atomic_path(target / f"{index:0{width}d}.png") as tmp:
-                tmp.write_bytes(png_bytes(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)))
+                tmp.write_bytes(png_bytes(image_layout(pixels)))
         if target != out:
             os.replace(target, out)
     except BaseException:

@@ -56,6 +56,11 @@ def open_image(source: bytes | Path, max_pixels: int = MAX_IMAGE_PIXELS, formats
         raise UnreadableImage(f"not a readable image ({' '.join(str(exc).split()) or type(exc).__name__})") from None
 
 
+def image_layout(pixels: np.ndarray) -> np.ndarray:
+    """(C, H, W) pixels as an image file holds them: (H, W) grayscale or (H, W, C); `image_pixels`' inverse."""
+    return pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+
+
 def image_pixels(image, channels: int) -> np.ndarray:
     """uint8 (C, H, W) pixels of a PIL image in `channels` (1: grayscale "L", 3: "RGB"), converted as the
     folder source converts them."""
@@ -79,7 +84,7 @@ def image_grid(pixels: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray
     for index in range(count):
         top, left = gap + (index // columns) * (height + gap), gap + (index % columns) * (width + gap)
         grid[:, top : top + height, left : left + width] = pixels[index]
-    return grid[0] if channels == 1 else grid.transpose(1, 2, 0)
+    return image_layout(grid)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -63,16 +63,26 @@ def features_and_classes(extractor: PenultimateFeatures, images: torch.Tensor) -
     return torch.cat(features), np.concatenate(classes)
 
 
-def frechet_distance(extractor: PenultimateFeatures, real: torch.Tensor, generated: torch.Tensor) -> float:
-    """FID between two image sets in the classifier's feature space (torchmetrics' implementation)."""
+def frechet_distances(extractor: PenultimateFeatures, real: torch.Tensor, *others: torch.Tensor) -> list[float]:
+    """FID of each of `others` against `real` in the classifier's feature space (torchmetrics'
+    implementation); the real set's statistics are computed once and kept between them."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False)
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False)
     for batch in _batches(real):
         metric.update(batch, real=True)
-    for batch in _batches(generated):
-        metric.update(batch, real=False)
-    return float(metric.compute())
+    distances = []
+    for images in others:
+        metric.reset()  # the other set's statistics only
+        for batch in _batches(images):
+            metric.update(batch, real=False)
+        distances.append(float(metric.compute()))
+    return distances
+
+
+def frechet_distance(extractor: PenultimateFeatures, real: torch.Tensor, generated: torch.Tensor) -> float:
+    """FID between two image sets in the classifier's feature space."""
+    return frechet_distances(extractor, real, generated)[0]
 
 
 def mean_pairwise_distance(features: torch.Tensor) -> float:
@@ -116,9 +126,10 @@ def judge(
     generated_features, generated_classes = features_and_classes(extractor, generated)
     test_features, _ = features_and_classes(extractor, real_test)
     counts = np.bincount(generated_classes, minlength=num_classes)
+    fid, real_floor = frechet_distances(extractor, real_test, generated, train_subset)
     return Quality(
-        fid=frechet_distance(extractor, real_test, generated),
-        real_floor=frechet_distance(extractor, real_test, train_subset),
+        fid=fid,
+        real_floor=real_floor,
         diversity_ratio=mean_pairwise_distance(generated_features) / mean_pairwise_distance(test_features),
         class_counts=[int(c) for c in counts],
         classes_drawn=int((counts >= min_class_share * len(generated)).sum()),

@@ -178,32 +178,33 @@ class GeneratorTask(Task):
 
     # ------------------------------------------------------------------------------------------ evaluate
 
-    def _generated(self, config: Config, model: str, session: Any, count: int, seed: int) -> np.ndarray:
-        return run_batched(session, latent_vectors(count, self._latent_dim(config, model), seed), batch_size=256)
+    def _samples(self, config: Config, model: str, session: Any) -> torch.Tensor:
+        """The `fid_samples` images every FID is measured on (the SCORE_SEED latents), from `session`."""
+        count = config.train_params(model).fid_samples
+        latents = latent_vectors(count, self._latent_dim(config, model), SCORE_SEED)
+        return torch.from_numpy(run_batched(session, latents, batch_size=256))
+
+    def _split(self, config: Config, split: str) -> torch.Tensor:
+        return torch.from_numpy(unit_float(load_split(config.paths.raw_images, split)[0]))
 
     def _scored(self, config: Config, model: str, session: Any):
         from dlpipe.tasks.gan_quality import judge
 
-        train = config.train_params(model)
-        x_test, _ = load_split(config.paths.raw_images, "test")
-        x_train, _ = load_split(config.paths.raw_images, "train")
-        generated = self._generated(config, model, session, train.fid_samples, SCORE_SEED)
-        quality = judge(
+        return judge(
             feature_extractor(config, model),
-            torch.from_numpy(generated),
-            torch.from_numpy(unit_float(x_test)),
-            torch.from_numpy(unit_float(x_train)),
+            self._samples(config, model, session),
+            self._split(config, "test"),
+            self._split(config, "train"),
             len(self._image_meta(config)["classes"]),
             seed=config.params.seed,
         )
-        return quality, generated
 
     def evaluate(
         self, config: Config, model: str, network: nn.Module, session: Any
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         from dlpipe.export import run_torch
 
-        quality, _ = self._scored(config, model, session)
+        quality = self._scored(config, model, session)
         latent_dim = self._latent_dim(config, model)
         grid_latents = latent_vectors(GRID_SAMPLES, latent_dim, GRID_SEED)
         grid = run_batched(session, grid_latents)
@@ -242,7 +243,11 @@ class GeneratorTask(Task):
         return {"latency_ms_onnx_b64_p50": float(np.median(onnx)), "latency_ms_torch_b64_p50": float(np.median(eager))}
 
     def promotion_score(self, config: Config, model: str, network: nn.Module, session: Any) -> float:
-        return self._scored(config, model, session)[0].fid
+        # The FID alone: no floor, diversity or classes for a second graph (the int8 variant).
+        from dlpipe.tasks.gan_quality import frechet_distance
+
+        samples = self._samples(config, model, session)
+        return frechet_distance(feature_extractor(config, model), self._split(config, "test"), samples)
 
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         import pandas as pd

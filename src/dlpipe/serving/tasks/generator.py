@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.data.pixels import png_bytes, to_uint8
+from dlpipe.data.pixels import image_layout, png_bytes, to_uint8
 from dlpipe.errors import DlpipeError
 from dlpipe.runtime import latent_vectors
 from dlpipe.serving.tasks import Adapter, BadRequest, Batch, Limits, register_adapter
@@ -98,13 +98,13 @@ class GeneratorAdapter(Adapter):
         expected = (len(batch.inputs), self.channels, self.height, self.width)
         if outputs.shape != expected:
             raise DlpipeError(
-                f"the generator answered shape {outputs.shape}; its dlpipe.output metadata gives {expected}"
+                f"the generator answered shape {outputs.shape}; its dlpipe.image metadata gives {expected}"
             )
         if not np.isfinite(outputs).all():
             raise DlpipeError("the generator answered NaN or infinite pixels")
         answers = []
         for pixels, info in zip(to_uint8(outputs), batch.context, strict=True):
-            image = pixels[0] if self.channels == 1 else pixels.transpose(1, 2, 0)  # as an image file lays it out
+            image = image_layout(pixels)
             answer = {"index": info["index"], "seed": info["seed"]}
             if info["format"] == "png":
                 answer["png"] = base64.b64encode(png_bytes(image)).decode("ascii")
