@@ -82,6 +82,16 @@ def build_module(train: Any, dataset: torch.utils.data.TensorDataset, seed: int)
     return module
 
 
+def precision_of(train: Any) -> str:
+    """The model's Lightning precision as the pipeline trains it on the CPU profile (train.<model>.precision)."""
+    return train.precision or "32-true"
+
+
+def autocast(train: Any) -> torch.autocast:
+    """The plain loop's match for Lightning's `bf16-mixed` on the CPU: bf16 autocast around the step."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision_of(train) == "bf16-mixed")
+
+
 def make_loader(dataset: torch.utils.data.TensorDataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """Shuffled, in-process (num_workers 0, as params.yaml), batch order fixed by its own seeded generator."""
     generator = torch.Generator().manual_seed(seed)
@@ -120,7 +130,8 @@ def run_plain(train: Any, dataset: torch.utils.data.TensorDataset, epochs: int, 
             for batch_idx, batch in enumerate(loader):
                 if first_batch is None:
                     first_batch = time.perf_counter()
-                loss = module.training_step(batch, batch_idx)
+                with autocast(train):  # what Lightning's precision plugin wraps the step in
+                    loss = module.training_step(batch, batch_idx)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -215,6 +226,7 @@ def run_lightning(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
+        precision=precision_of(train),
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,

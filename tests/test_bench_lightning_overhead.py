@@ -21,7 +21,12 @@ def bench():
         yield module
 
 
-def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch):
+def test_the_benchmark_trains_the_cnn_in_its_pipeline_precision(bench):
+    assert bench.precision_of(bench.cnn_train_params()) == "bf16-mixed"  # params.yaml train.cnn.precision
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch, precision):
     import torch
 
     for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # L.seed_everything sets them: restored after the test
@@ -29,7 +34,7 @@ def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch):
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        train = bench.cnn_train_params({"channels": [4, 8], "hidden": 16})
+        train = bench.cnn_train_params({"channels": [4, 8], "hidden": 16}).model_copy(update={"precision": precision})
         dataset = bench.load_mnist(256)
         images, labels = dataset.tensors
         assert images.dtype == torch.uint8 and images.shape == (256, 1, 28, 28)

@@ -29,6 +29,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Lightning's precision names; `bf16-mixed` needs bf16 units (Ampere+ GPUs, AVX-512-BF16/AMX CPUs) to be fast.
+Precision = Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 
 
 class _Strict(BaseModel):
@@ -177,6 +179,8 @@ class TrainParams(_Strict):
     patience: PositiveInt = 3
     optimizer: OptimizerParams
     net: dict[str, Any] = Field(default_factory=dict)
+    # This model's precision, chosen by measurement (benchmarks/bench_precision.py); null: the trainer's.
+    precision: Precision | None = None
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
@@ -187,12 +191,28 @@ class TrainParams(_Strict):
         return self
 
 
+class GpuProfileParams(_Strict):
+    """What `trainer.profile: gpu` turns on (dlpipe.tasks.profiles.training_plan applies it)."""
+
+    channels_last: bool = True  # image tensors and conv weights in NHWC: what tensor cores read fastest
+    cudnn_benchmark: bool = True  # time conv algorithms once per input shape; costs bitwise reproducibility
+    compile: str | None = None  # a torch.compile backend (e.g. inductor); null = eager
+    batch_scale: PositiveInt = 4  # train.<model>.batch_size x this
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"  # how the learning rate follows batch_scale
+    device_resident_mib: Annotated[int, Field(ge=0)] = 4096  # image sets up to this size (uint8) live on the GPU
+    shift_px: Annotated[int, Field(ge=0, le=8)] = 2  # device-resident: random translation, batched on the device
+    pin_memory: bool = True  # loaders of larger sets: page-locked host memory, asynchronous copies
+
+
 class TrainerParams(_Strict):
+    profile: Literal["cpu", "gpu"] = "cpu"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: PositiveInt | Literal["auto"] = "auto"
-    # Lightning's precision names; `bf16-mixed` needs an Ampere or newer GPU, the `*-true` ones run anywhere.
-    precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
+    # null: each model's train.<model>.precision, else the profile's default; a value here applies to all.
+    precision: Precision | None = None
     num_workers: Annotated[int, Field(ge=0)] = 0
+    threads: PositiveInt | None = None  # torch intra-op threads on the CPU; null = the physical cores available
+    gpu: GpuProfileParams = GpuProfileParams()
 
 
 class ExportParams(_Strict):

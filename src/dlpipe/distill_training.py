@@ -21,6 +21,7 @@ from dlpipe.models import get_model
 from dlpipe.models.layers import AuxiliaryOutput
 from dlpipe.tasks.classifier import to_unit_float
 from dlpipe.tasks.classifier_training import ClassifierModule
+from dlpipe.tasks.profiles import shared_precision
 
 
 class DistillationModule(ClassifierModule):
@@ -130,7 +131,7 @@ def train_student(
         max_epochs=params.epochs,
         accelerator=config.params.trainer.accelerator,
         devices=1,  # a small student: one device (DDP would start the whole stage again in each process)
-        precision=config.params.trainer.precision,
+        precision=shared_precision(config.params.trainer),
         logger=False,  # the stage logs one MLflow run for the whole comparison
         enable_checkpointing=False,
         enable_progress_bar=False,

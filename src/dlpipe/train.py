@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,10 @@ from dlpipe.cost import model_cost
 from dlpipe.errors import DlpipeError, Interrupted
 from dlpipe.io import write_json
 from dlpipe.tasks import task_of
+from dlpipe.tasks.profiles import TrainingPlan, training_plan
 from dlpipe.training_callbacks import (
     AtomicCheckpointIO,
+    ChannelsLast,
     RestoreRandomState,
     StopOnNonFiniteLoss,
     check_finite_weights,
@@ -110,10 +113,20 @@ def _interruption(exc: BaseException) -> Interrupted | None:
     return None
 
 
+def _apply_plan(plan: TrainingPlan) -> None:
+    """Process-wide settings of the plan: CPU threads, and TF32 matmuls on GPUs that have them (fp32
+    layers outside autocast; bf16 autocast covers the rest)."""
+    torch.set_num_threads(plan.threads)
+    if plan.profile == "gpu":
+        torch.set_float32_matmul_precision("high")
+
+
 def fit(config: Config, model: str) -> dict[str, Any] | None:
     """Train `model`; the facts for train.json on global rank 0, None on the other DDP ranks."""
-    train = config.train_params(model)
+    plan = training_plan(config, model)
+    train = plan.train
     task = task_of(config, model)
+    _apply_plan(plan)
     L.seed_everything(config.params.seed, workers=True, verbose=False)
     module, datamodule = task.build(config, model)
     data_sha256 = task.data_fingerprint(config)
@@ -140,13 +153,18 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
             tracking.set_run_status(config, run_id, "RUNNING")
         else:
             logger.log_hyperparams(
-                {"seed": config.params.seed, "trainer": config.params.trainer.model_dump(), "train": train.model_dump()}
+                {
+                    "seed": config.params.seed,
+                    "trainer": config.params.trainer.model_dump(),
+                    "train": train.model_dump(),
+                    "plan": {"precision": plan.precision, "threads": plan.threads, "loader": asdict(plan.loader)},
+                }
             )
         record = {"pid": os.getpid(), "host": socket.gethostname(), "fingerprint": fingerprint, "run_id": logger.run_id}
         write_json(resume_dir / RESUME_RECORD, record)
 
     try:
-        info = _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256, last)
+        info = _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sha256, last)
     except BaseException as exc:
         # Lightning has ended the run as FAILED already; an interruption is recorded as KILLED instead.
         interruption = _interruption(exc)
@@ -172,7 +190,8 @@ def _one_sample(task, module: L.LightningModule) -> torch.Tensor:
     return torch.from_numpy(task.synthetic_inputs(data_kwargs, 1, np.random.default_rng(0)))
 
 
-def _fit_and_test(config, model, train, task, module, datamodule, logger, data_sha256, last) -> dict[str, Any] | None:
+def _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sha256, last) -> dict[str, Any] | None:
+    train = plan.train
     monitor, mode = task.monitor
     target = config.paths.checkpoint(model)
     resume_dir = config.paths.resume_dir(model)
@@ -184,11 +203,12 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
     last_checkpoint = ModelCheckpoint(
         dirpath=resume_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
     )
+    memory_format = [ChannelsLast()] if plan.loader.channels_last else []
     trainer = L.Trainer(
         max_epochs=train.epochs,
         accelerator=config.params.trainer.accelerator,
         devices=config.params.trainer.devices,
-        precision=config.params.trainer.precision,
+        precision=plan.precision,
         logger=logger,
         callbacks=[
             StopOnNonFiniteLoss(model),
@@ -197,9 +217,11 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
             last_checkpoint,
             EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
             LearningRateMonitor("epoch"),
+            *memory_format,
         ],
         plugins=[AtomicCheckpointIO()],
-        deterministic=True,
+        deterministic=plan.deterministic,
+        benchmark=plan.cudnn_benchmark,
         # A sanity check draws random numbers (every DataLoader iteration does) before training, and only
         # on a fresh start: without it, a resumed run's random stream is the uninterrupted one's.
         num_sanity_val_steps=0,
@@ -208,7 +230,13 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
     )
     # The directory holds resume.json from the start; Lightning's warning about it is not news.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # The model summary's size estimate assumes fp32 weights, which mixed precision keeps: not news either.
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
     started = time.perf_counter()
+    if plan.compile:
+        # The network alone, in place: its state_dict keys stay those of the plain module, and the steps'
+        # metric updates (torchmetrics) stay eager.
+        module.model.compile(backend=plan.compile)
     trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     train_seconds = time.perf_counter() - started
     if not checkpoint.best_model_path:
@@ -238,6 +266,9 @@ def _fit_and_test(config, model, train, task, module, datamodule, logger, data_s
         "trainable_params": trainable_params,
         "multiply_adds": multiply_adds,  # per sample (batch 1), counted by dlpipe.cost.model_cost
         "epochs_trained": trainer.current_epoch,
+        "precision": plan.precision,
+        "batch_size": train.batch_size,
+        "device": str(trainer.strategy.root_device),
         "monitor": monitor,
         "best_score": float(checkpoint.best_model_score),
         "test": {k: float(v) for k, v in test_metrics.items()},

@@ -88,3 +88,12 @@ def check_finite_weights(checkpoint_path: Path | str, model: str) -> None:
     bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
         raise NonFiniteLoss(f"train.{model}: the best checkpoint has non-finite weights ({bad[0]}); not kept")
+
+
+class ChannelsLast(Callback):
+    """Convolution weights in channels_last (NHWC) order, matching the batches the datamodule hands over
+    (dlpipe.tasks.profiles' `channels_last`): tensor cores and oneDNN read NHWC without a transpose per layer.
+    Checkpoints keep the values, so export and evaluation load them into an ordinary NCHW model."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)

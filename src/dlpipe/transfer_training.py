@@ -23,6 +23,7 @@ from dlpipe.config import OptimizerParams, TrainerParams
 from dlpipe.tasks.classifier import StandardizedClassifier
 from dlpipe.tasks.classifier_training import ClassifierModule
 from dlpipe.tasks.optim import configure_optimizers
+from dlpipe.tasks.profiles import shared_precision
 from dlpipe.transfer import HEAD, Schedule
 
 
@@ -134,7 +135,7 @@ def fit(
             max_epochs=schedule.epochs,
             accelerator=trainer.accelerator,
             devices=1,  # ten small fits: one device each (trainer.devices > 1 would start DDP for every one)
-            precision=trainer.precision,
+            precision=shared_precision(trainer),
             logger=False,  # the stage logs one MLflow run with the results
             enable_checkpointing=False,
             enable_progress_bar=False,

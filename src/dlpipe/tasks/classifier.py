@@ -25,6 +25,7 @@ from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
 from dlpipe.runtime import run_batched
 from dlpipe.tasks.base import Task, register_task
+from dlpipe.tasks.profiles import training_plan
 
 if TYPE_CHECKING:
     import lightning as L
@@ -78,12 +79,13 @@ class ClassifierTask(Task):
         return read_json(config.paths.meta(config.paths.raw_images), required=IMAGE_META_KEYS)
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
-        train = config.train_params(model)
+        plan = training_plan(config, model)
+        train = plan.train  # the profile's batch size and learning rate
         meta = self._image_meta(config)
         from dlpipe.data.datamodules import ImageDataModule
 
         datamodule = ImageDataModule(
-            config.paths.raw_images, config.paths.augmented, train.batch_size, config.params.trainer.num_workers
+            config.paths.raw_images, config.paths.augmented, train.batch_size, plan=plan.loader
         )
         data_kwargs = {
             "in_channels": meta["channels"],

@@ -26,6 +26,7 @@ from dlpipe.models import get_model
 from dlpipe.models.layers import Standardize
 from dlpipe.runtime import run_batched
 from dlpipe.tasks.base import Task, register_task
+from dlpipe.tasks.profiles import training_plan
 
 if TYPE_CHECKING:
     import lightning as L
@@ -108,11 +109,12 @@ class ForecasterTask(Task):
         return get_model(net_spec["name"], **net_spec["kwargs"])
 
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
-        train = config.train_params(model)
+        plan = training_plan(config, model)
+        train = plan.train  # the profile's batch size and learning rate
         from dlpipe.data.datamodules import StockWindowDataModule
 
         datamodule = StockWindowDataModule(
-            config.paths.raw_stocks, train.window, train.batch_size, config.params.trainer.num_workers
+            config.paths.raw_stocks, train.window, train.batch_size, plan.loader.num_workers, plan.loader.pin_memory
         )
         tickers = datamodule.setup().tickers
         spec = {

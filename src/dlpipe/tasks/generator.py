@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -29,6 +30,7 @@ from dlpipe.io import read_json, sha256_file
 from dlpipe.models import get_model, get_spec
 from dlpipe.runtime import latent_vectors, run_batched
 from dlpipe.tasks.base import Task, register_task
+from dlpipe.tasks.profiles import training_plan
 
 if TYPE_CHECKING:
     import lightning as L
@@ -108,13 +110,16 @@ class GeneratorTask(Task):
     def build(self, config: Config, model: str) -> tuple[L.LightningModule, L.LightningDataModule]:
         from dlpipe.tasks.generator_training import GeneratorDataModule
 
-        train = config.train_params(model)
+        plan = training_plan(config, model)
+        train = plan.train  # the profile's batch size and learning rate
         meta = self._image_meta(config)
         kwargs = {"in_channels": meta["channels"], "image_size": meta["height"], **train.net}
         module = self.lightning_module(get_model(model, **kwargs), {"name": model, "kwargs": kwargs}, train)
         module.set_judge(feature_extractor(config, model))
+        # No shifts: the generator imitates the images as they are.
+        loader = dataclasses.replace(plan.loader, shift_px=0)
         datamodule = GeneratorDataModule(
-            config.paths.raw_images, config.paths.raw_images, train.batch_size, config.params.trainer.num_workers
+            config.paths.raw_images, config.paths.raw_images, train.batch_size, plan=loader
         )
         return module, datamodule
 

@@ -46,14 +46,8 @@ class GeneratorDataModule(ImageDataModule):
     full training batches only (batch norm in the generator needs more than one sample)."""
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.datasets["train"],
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.datasets["train"]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        train = self.datasets["train"]
+        return self._host_loader(train, shuffle=True, drop_last=len(train) > self.batch_size)
 
 
 class GeneratorModule(L.LightningModule):
