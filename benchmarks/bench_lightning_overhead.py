@@ -341,6 +341,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds, each one Lightning and one plain run (default: 3)")
     p.add_argument("--train-images", type=int, default=4000, help="MNIST images trained on (default: 4000)")
     p.add_argument("--seed", type=int, default=42, help="seed of both loops (default: 42, as params.yaml)")
+    p.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed"],
+        default=None,
+        help="both loops' precision (default: params.yaml train.cnn.precision, as the pipeline trains it)",
+    )
     p.add_argument("--profile", action="store_true", help="profile one epoch of each loop even within the goal")
     p.add_argument(
         "--diagnose-logging",
@@ -365,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banners per run
     load_before = os.getloadavg()
     train = cnn_train_params()
+    if args.precision:
+        train = train.model_copy(update={"precision": args.precision})
     dataset = load_mnist(args.train_images)
     runs: list[dict[str, Any]] = []
     loops = {
@@ -418,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "net": dict(train.net),
             "optimizer": train.optimizer.model_dump(exclude_unset=True),
             "schedule_epochs": train.epochs,
+            "precision": precision_of(train),
             "batch_size": train.batch_size,
             "train_images": args.train_images,
             "steps_per_epoch": -(-args.train_images // train.batch_size),

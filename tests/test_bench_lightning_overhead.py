@@ -35,9 +35,9 @@ def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch, preci
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         train = bench.cnn_train_params({"channels": [4, 8], "hidden": 16}).model_copy(update={"precision": precision})
-        dataset = bench.load_mnist(256)
+        dataset = bench.load_mnist(250)  # a last batch of 58: the logged mean must weight it
         images, labels = dataset.tensors
-        assert images.dtype == torch.uint8 and images.shape == (256, 1, 28, 28)
+        assert images.dtype == torch.uint8 and images.shape == (250, 1, 28, 28)
         assert labels.dtype == torch.int64
 
         lightning = bench.run_lightning(train, dataset, epochs=1, seed=7)
@@ -45,7 +45,7 @@ def test_lightning_and_plain_loop_give_the_same_losses(bench, monkeypatch, preci
     finally:
         torch.use_deterministic_algorithms(deterministic)  # Trainer(deterministic=True) and run_plain switch it on
 
-    steps = -(-256 // train.batch_size)
+    steps = -(-250 // train.batch_size)
     assert len(lightning["step_losses"]) == len(plain["step_losses"]) == steps
     assert len(lightning["epoch_loss"]) == len(plain["epoch_loss"]) == 1
     parity = bench.compare_losses(lightning, plain)
