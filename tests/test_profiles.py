@@ -167,3 +167,23 @@ def test_gpu_profile_trains_and_exports_the_cnn_on_the_cpu(tmp_path):
     exported = stages.export(config, "cnn")
     assert exported["onnx_max_abs_diff"] <= params["export"]["parity_atol"]
     assert exported["top1_agreement"] >= params["export"]["min_top1_agreement"]
+
+
+def test_batch_hook_keeps_extra_batch_members_and_leaves_cpu_batches_alone():
+    """The distillation stage's batches carry the teacher's logits after the labels: the hook reorders the
+    images only. Under the CPU profile (no shifts, NCHW) batches pass through untouched."""
+    from pathlib import Path
+
+    from dlpipe.data.datamodules import ImageDataModule
+    from dlpipe.tasks.profiles import LoaderPlan
+
+    images = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
+    labels, logits = torch.arange(4), torch.randn(4, 10)
+    cpu = ImageDataModule(Path("u"), Path("u"), 4, plan=LoaderPlan(4))
+    batch = [images, labels, logits]
+    assert cpu.on_after_batch_transfer(batch, 0) is batch
+    gpu = ImageDataModule(Path("u"), Path("u"), 4, plan=LoaderPlan(4, channels_last=True, shift_px=1))
+    out = gpu.on_after_batch_transfer(batch, 0)  # no trainer: not training, so no shifts
+    assert isinstance(out, list) and out[1] is labels and out[2] is logits
+    assert torch.equal(out[0], images) and out[0].is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(gpu.on_after_batch_transfer((images, labels), 0), tuple)

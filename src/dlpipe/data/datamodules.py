@@ -104,19 +104,19 @@ class ImageDataModule(_SplitLoaders):
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """On the device: the training batch's random shifts, then the plan's memory order."""
-        if not isinstance(batch, list | tuple):  # e.g. the model summary's example input
-            return batch
-        images, labels = batch
+        """On the device: the training batch's random shifts, then the plan's memory order. The images come
+        first in a batch; whatever follows (labels, a teacher's logits) passes through unchanged."""
+        if not (self.plan.shift_px or self.plan.channels_last) or not isinstance(batch, list | tuple):
+            return batch  # the CPU profile's plain batches; or e.g. the model summary's example input
+        images, *rest = batch
         trainer = getattr(self, "trainer", None)
         if self.plan.shift_px and trainer is not None and trainer.training:
             epoch = trainer.current_epoch
             if self._shifts is None or self._shifts[0] != epoch:
                 self._shifts = (epoch, epoch_generator(images.device, self.plan.seed + 1, epoch))
             images = random_shift(images, self.plan.shift_px, self._shifts[1])
-        if self.plan.channels_last:
-            return images.contiguous(memory_format=torch.channels_last), labels
-        return images.contiguous(), labels
+        memory_format = torch.channels_last if self.plan.channels_last else torch.contiguous_format
+        return type(batch)([images.contiguous(memory_format=memory_format), *rest])
 
 
 class StockWindowDataModule(_SplitLoaders):
