@@ -210,7 +210,8 @@ def test_stage_writes_the_table(distilled):
 def test_stage_logs_one_mlflow_run(distilled):
     config, summary, _ = distilled
     run = tracking.client(config).get_run(summary["run_id"])
-    assert run.info.run_name == "distill" and run.info.status == "FINISHED"
+    assert run.info.run_name == tracking.run_name(run.data.tags) and run.info.status == "FINISHED"
+    assert run.info.run_name.startswith(f"distill: {run.data.tags['model']} images/")
     assert run.data.tags["stage"] == "distill" and run.data.tags["teacher"] == "cnn"
     assert run.data.tags["params_hash"] == config.params_hash
     assert run.data.params["distill.temperature"] == "4.0" and run.data.params["distill.alpha"] == "0.9"

@@ -89,3 +89,33 @@ def test_latency_counts_only_timed_runs():
     calls = []
     timings = latency_ms(lambda: calls.append(1), warmup=3, runs=5)
     assert len(calls) == 8 and timings.shape == (5,) and (timings >= 0).all()
+
+
+def test_a_cuda_fallback_is_never_silent(tmp_path, monkeypatch, caplog):
+    """Asked for CUDA where ONNX Runtime has only the CPU provider: an error under `strict` (the GPU
+    profile's evaluation), a warning when a GPU is on the machine, nothing on a CPU-only machine."""
+    import logging
+
+    import onnxruntime as ort
+    import torch
+
+    from dlpipe import runtime
+    from dlpipe.errors import DlpipeError
+    from dlpipe.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(torch.nn.Linear(3, 2).eval(), torch.zeros(1, 3), path, opset=18)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DlpipeError, match="runs on CPUExecutionProvider, not CUDAExecutionProvider.*gpu. extra"):
+        runtime.create_session(path, ["cuda", "cpu"], strict=True)
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="dlpipe"):
+        session = runtime.create_session(path, ["cuda", "cpu"])
+    assert session.get_providers()[0] == "CPUExecutionProvider"
+    assert any("not CUDAExecutionProvider" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dlpipe"):
+        runtime.create_session(path, ["cuda", "cpu"])
+    assert not caplog.records
+    assert runtime.create_session(path, ["cpu"], strict=True).get_providers()[0] == "CPUExecutionProvider"

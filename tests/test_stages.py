@@ -146,11 +146,14 @@ def test_forecaster_is_judged_per_ticker_on_the_plotted_days(pipeline_run):
     assert metrics["test_samples"] == sum(s["test_days"] for s in metrics["tickers"].values())
     run_id = json.loads(config.paths.train_info("lstm").read_text())["run_id"]
     client = tracking.client(config)
-    logged = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {f"plots/forecast_{t}.{ext}" for t in ("GOOG", "MSFT") for ext in ("png", "csv")} <= logged
+    logged = {a.path for a in client.list_artifacts(run_id, "plots")} | {
+        a.path for a in client.list_artifacts(run_id, "figures")
+    }
+    assert {f"figures/forecast_{t}.png" for t in ("GOOG", "MSFT")} <= logged
+    assert {f"plots/forecast_{t}.csv" for t in ("GOOG", "MSFT")} <= logged
     run = client.get_run(run_id)
     assert run.data.tags["verdict"] == metrics["verdict"] and run.data.tags["tickers/MSFT/skill"] in ("yes", "no")
-    assert run.data.metrics["tickers/GOOG/baselines/arima/rmse"] == pytest.approx(
+    assert run.data.metrics["tickers/GOOG/baselines/arima/rmse_price"] == pytest.approx(
         metrics["tickers"]["GOOG"]["baselines"]["arima"]["rmse"]
     )
     assert metrics["verdict"].startswith("lstm on GOOG + MSFT: ")

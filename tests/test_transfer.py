@@ -239,7 +239,8 @@ def test_stage_logs_one_tagged_mlflow_run(transfer_run):
     config, results = transfer_run
     client = tracking.client(config)
     run = client.get_run(results["run_id"])
-    assert run.info.run_name == "transfer" and run.info.status == "FINISHED"
+    assert run.info.run_name == tracking.run_name(run.data.tags) and run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("transfer: resnet images/")
     assert run.data.tags["stage"] == "transfer" and run.data.tags["model"] == "resnet"
     assert run.data.tags["params_hash"] == config.params_hash and "git_sha" in run.data.tags
     assert run.data.params["transfer.shots"] == "[2, 5]" and run.data.params["seed"] == str(config.params.seed)

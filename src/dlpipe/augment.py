@@ -164,7 +164,9 @@ def augment_images(
     out = [x]
     for _ in range(params.copies):
         batch = np.stack(
-            [pipeline(image=image)["image"] for image in tqdm(hwc, desc="augment", disable=not progress, leave=False)]
+            # disable=None: a bar on a terminal only (not in CI or DVC logs); kept when done, so the next
+            # line starts on its own.
+            [pipeline(image=image)["image"] for image in tqdm(hwc, desc="augment", disable=None if progress else True)]
         )
         out.append(batch.reshape(hwc.shape).transpose(0, 3, 1, 2))
     return np.concatenate(out).astype(np.uint8), np.tile(y, params.copies + 1)

@@ -6,11 +6,9 @@ Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or v
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
-from dlpipe import stages
+from dlpipe import console, stages
 from dlpipe.config import PARAMS_ENV
 from dlpipe.errors import DlpipeError, Interrupted
 
@@ -66,7 +64,8 @@ def run(argv: list[str] | None = None) -> int:
         config.selected_models([args.model])
 
     stage = stages.STAGES[args.stage]
-    stage(config, args.model) if args.model else stage(config)
+    result = stage(config, args.model) if args.model else stage(config)
+    console.log_summary(config, args.stage, args.model, result)
     return 0
 
 
@@ -85,9 +84,7 @@ def registry_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dlpipe").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    console.setup_logging()
     try:
         code = run(argv)
     except DlpipeError as exc:

@@ -155,7 +155,7 @@ def rows_from_metrics(
 # ----------------------------------------------------------------------------------------------- MLflow
 
 
-def _store_exists(config: Config) -> bool:
+def store_exists(config: Config) -> bool:
     """False for a sqlite store whose file is missing: reading must not create an empty mlflow.db."""
     uri = tracking.tracking_uri(config)
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
@@ -226,7 +226,7 @@ def rows_from_mlflow(config: Config, models: Iterable[str]) -> list[CompareRow]:
     """One row per model from MLflow: the champion version's run (else the newest version's, else the newest
     finished train run's). A model MLflow knows nothing of gives a row of dashes."""
     models = list(models)
-    if not _store_exists(config):
+    if not store_exists(config):
         return [_empty_row(config, model) for model in models]
     from mlflow.exceptions import MlflowException
 

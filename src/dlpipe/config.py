@@ -468,6 +468,10 @@ class Paths:
     def train_info(self, model: str) -> Path:
         return self.model_dir(model) / "train.json"
 
+    def training_curves(self, model: str) -> Path:
+        """Every per-epoch metric training logged, a row an epoch (`dvc plots` draws it against `epoch`)."""
+        return self.model_dir(model) / "training_curves.csv"
+
     def onnx(self, model: str) -> Path:
         return self.model_dir(model) / "model.onnx"
 
@@ -498,6 +502,10 @@ class Paths:
 
     def plots(self, model: str) -> Path:
         return self.reports / "plots" / model
+
+    def latency_csv(self, model: str) -> Path:
+        """p50 latency in ms by batch size and backend (torch, onnx, int8), long format, for `dvc plots`."""
+        return self.plots(model) / "latency.csv"
 
     @property
     def summary(self) -> Path:

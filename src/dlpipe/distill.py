@@ -189,9 +189,9 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 @contextmanager
 def mlflow_run(config: Config, summary: dict[str, Any]) -> Iterator[str]:
-    """One MLflow run named `distill`, tagged as the training runs are (model = the student, plus the
-    teacher), with the settings as params and the table as metrics; yields its id. The run ends FINISHED
-    when the block succeeds (the stage writes its outputs there), FAILED when it raises."""
+    """One MLflow run (`distill: <student> <data>@<sha> <git>`), tagged as the training runs are (model = the
+    student, plus the teacher), with the settings as params and the table as metrics; yields its id. The run
+    ends FINISHED when the block succeeds (the stage writes its outputs there), FAILED when it raises."""
     from mlflow.entities import Param
 
     from dlpipe import tracking
@@ -201,9 +201,9 @@ def mlflow_run(config: Config, summary: dict[str, Any]) -> Iterator[str]:
     settings = summary["settings"]
     client = tracking.client(config)
     experiment = tracking.ensure_experiment(config)
-    data_sha256 = get_task(ClassifierTask.name).data_fingerprint(config)
-    tags = tracking.run_tags(config, settings["student"], "distill", data_sha256)
-    run = client.create_run(experiment, run_name="distill", tags={**tags, "teacher": settings["teacher"]})
+    task = get_task(ClassifierTask.name)
+    tags = tracking.run_tags(config, settings["student"], "distill", task.data_fingerprint(config), task.dataset)
+    run = client.create_run(experiment, run_name=tracking.run_name(tags), tags={**tags, "teacher": settings["teacher"]})
     run_id = run.info.run_id
     try:
         flat = _flat("distill", settings)

@@ -7,6 +7,7 @@ distillation loss or the comparison table never imports Lightning.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -139,6 +140,13 @@ def train_student(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         deterministic=True,
+    )
+    # Lightning's own code builds torch's LeafSpec, which torch now deprecates; it behaves as before.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
     )
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - started

@@ -1,17 +1,22 @@
 """Evaluation driver: the task computes its metrics through onnxruntime on the held-out split and draws
 its figures; this module adds what every model shares (a latency table, PyTorch vs ONNX Runtime at
-batch 1 and 32) and the facts recorded by training."""
+batch 1 and 32, also written as reports/plots/<model>/latency.csv for `dvc plots`) and the facts recorded
+by training."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from dlpipe.config import Config
 from dlpipe.errors import DlpipeError
+from dlpipe.plots import save_csv
 from dlpipe.runtime import InputContract, create_session, latency_ms
 from dlpipe.tasks import task_of
 
@@ -47,6 +52,23 @@ def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], 
     return table
 
 
+LATENCY_KEY = re.compile(r"latency_ms_(?P<backend>[a-z0-9]+)_b(?P<batch>[0-9]+)_p50")
+BACKENDS = ("torch", "onnx", "int8")  # the CSV's row order: eager PyTorch, then the fp32 and int8 graphs
+
+
+def write_latency_csv(metrics: dict[str, Any], target: Path) -> None:
+    """Every p50 latency in `metrics` (`latency_ms_<backend>_b<batch>_p50`, the shared table's and any a task
+    adds) as rows `batch, backend, p50_ms`: one line per backend when `dvc plots` draws p50_ms against batch."""
+    rows = [
+        {"batch": int(match["batch"]), "backend": match["backend"], "p50_ms": float(value)}
+        for key, value in metrics.items()
+        if (match := LATENCY_KEY.fullmatch(key))
+    ]
+    order = {name: index for index, name in enumerate(BACKENDS)}
+    rows.sort(key=lambda row: (order.get(row["backend"], len(order)), row["backend"], row["batch"]))
+    save_csv(pd.DataFrame(rows, columns=["batch", "backend", "p50_ms"]), target)
+
+
 def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> dict[str, Any]:
     """Metrics of the exported `model` on its test split: the task's (fp32 graph), the int8 variant's
     promotion metric, the latency table, and the training facts from `train_info` (train.json)."""
@@ -58,7 +80,8 @@ def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> di
         raise DlpipeError(f"{onnx_path}: file not found (run export first)")
     network = task.load_exported(config.paths.checkpoint(model))
     providers = config.params.evaluate.providers
-    sessions = {"onnx": create_session(onnx_path, providers)}
+    # The GPU profile measures on the GPU or not at all: a CPU fallback there would be a wrong figure.
+    sessions = {"onnx": create_session(onnx_path, providers, strict=config.params.trainer.profile == "gpu")}
     metrics, outputs = task.evaluate(config, model, network, sessions["onnx"])
     missing = [key for key in task.metric_keys if key not in metrics]
     if missing:  # a task that breaks its own promise would silently drop columns from reports and promotion
@@ -77,4 +100,5 @@ def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> di
     if "multiply_adds" in train_info:  # per sample; absent from a train.json written before it was counted
         metrics["multiply_adds"] = train_info["multiply_adds"]
     task.plots(config, model, outputs, config.paths.plots(model))
+    write_latency_csv(metrics, config.paths.latency_csv(model))
     return metrics

@@ -3,6 +3,7 @@ metadata, checked by onnx.checker, and gated on numerical parity with PyTorch th
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,13 @@ from dlpipe.runtime import INPUT_NAME, OUTPUT_NAME, create_session, run_batched
 
 class ParityError(DlpipeError):
     """The exported graph disagrees with PyTorch beyond the tolerance."""
+
+
+# The exporter's registry names the translations of torchvision's detection ops (nms, roi_align, ...) and warns,
+# once per op and export, that it skips them without torchvision; no dlpipe network uses them.
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
+    lambda record: not record.getMessage().startswith("torchvision is not installed. Skipping torchvision::")
+)
 
 
 def _onnx_elman_rnn_layer(x, weight_ih, weight_hh, bias_ih, bias_hh):

@@ -1,12 +1,27 @@
-"""One page a person opens: every model's metrics side by side, with the figures the stages drew."""
+"""reports/index.html: the page a person opens. One self-contained file (figures embedded): every model's
+result against its baseline with a verdict, training curves, the stages' figures, speed and size, the
+course's recipes, the data the models learnt from, and where every number came from (runs, code, params,
+data, machine)."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import html
+import json
+import logging
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
-from dlpipe.io import atomic_path, write_json
+import pandas as pd
+
+from dlpipe.config import Config
+from dlpipe.io import atomic_path, read_json, write_json
+from dlpipe.report_figures import latency_vs_batch, training_curves
+
+log = logging.getLogger("dlpipe")
 
 # Columns shown in the comparison table, in order; absent keys show as a dash.
 TABLE_COLUMNS = (
@@ -184,65 +199,313 @@ def render_recipes(recipes: dict[str, dict[str, Any] | None], reports_dir: Path)
     return "\n".join(part for part in parts if part)
 
 
-def render_html(
-    summary: dict[str, dict[str, Any]], reports_dir: Path, recipes: dict[str, dict[str, Any] | None] | None = None
-) -> str:
-    header = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in TABLE_COLUMNS)
-    rows = "".join(
-        f"<tr><th>{html.escape(model)}</th>"
-        + "".join(f"<td>{_cell(m, k, p)}</td>" for k, _, p in TABLE_COLUMNS)
-        + "</tr>"
-        for model, m in summary.items()
+# ------------------------------------------------------------------------------------------ the page
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; vertical-align: top; }
+thead th { background: #f3f3f3; } tbody th, td.text { text-align: left; }
+figure { display: inline-block; margin: 0.6rem; vertical-align: top; } img { max-width: 640px; }
+figure.wide img { max-width: 100%; }
+figcaption { font-size: 0.8rem; color: #555; } .warn { color: #a40000; } code { font-size: 0.85rem; }
+nav a { margin-right: 0.8rem; }
+"""
+SECTIONS = (
+    ("models", "Models"),
+    ("curves", "Training curves"),
+    ("figures", "Figures"),
+    ("speed", "Speed and size"),
+    ("recipes", "Recipes"),
+    ("data", "Data"),
+    ("provenance", "Provenance"),
+)
+
+
+def _embedded(image: Path, reports_dir: Path, title: str) -> str:
+    """An <img> carrying the PNG itself (a data: URI): the page opens from disk, moved or mailed, alone."""
+    if not image.is_file():
+        return ""
+    source = image.relative_to(reports_dir) if image.is_relative_to(reports_dir) else image.name
+    return _png_figure(image.read_bytes(), title, str(source))
+
+
+def _png_figure(png: bytes | None, title: str, source: str, wide: bool = False) -> str:
+    if not png:
+        return ""
+    data = base64.b64encode(png).decode()
+    css = ' class="wide"' if wide else ""
+    return (
+        f'<figure{css}><img src="data:image/png;base64,{data}" alt="{html.escape(title)}" '
+        f'data-file="{html.escape(source)}"><figcaption>{html.escape(title)}</figcaption></figure>'
     )
-    figures = []
-    preview = reports_dir / "figures" / "augment_preview.png"
-    if preview.is_file():
-        figures.append(("Augmentation preview", preview.relative_to(reports_dir)))
+
+
+def _link(url: str | None, text: str) -> str:
+    return f'<a href="{html.escape(url)}">{html.escape(text)}</a>' if url else html.escape(text)
+
+
+def render_models(context: dict[str, Any]) -> str:
+    """One row per model: its test result against its baseline with the verdict, export parity, latency,
+    size of the job (train time, parameters, multiply-adds), registry champion and MLflow run."""
+    header = [
+        "model",
+        "task",
+        "test result (ONNX Runtime)",
+        "baseline",
+        "verdict",
+        "max |torch - ONNX|",
+        "p50 ms b1 torch / ORT / int8",
+        "train s",
+        "params",
+        "multiply-adds",
+        "champion",
+        "MLflow run",
+    ]
+    rows = []
+    for model, m in context["summary"].items():
+        facts = context["models"][model]
+        line = facts["headline"]
+        latency = " / ".join(number(m.get(f"latency_ms_{b}_b1_p50"), "{:.3f}") for b in ("torch", "onnx", "int8"))
+        champion = facts.get("champion")
+        cells = [
+            f"<th>{html.escape(model)}</th>",
+            f'<td class="text">{html.escape(facts["task"])}</td>',
+            f'<td class="text">{html.escape(line["metric"])}</td>',
+            f'<td class="text">{html.escape(line["baseline"])}</td>',
+            f'<td class="text">{html.escape(line["verdict"])}</td>',
+            f"<td>{html.escape(number(m.get('onnx_max_abs_diff'), '{:.1e}'))}</td>",
+            f"<td>{html.escape(latency)}</td>",
+            f"<td>{html.escape(number(m.get('train_seconds'), '{:.1f}'))}</td>",
+            f"<td>{html.escape(number(m.get('trainable_params'), '{:,.0f}'))}</td>",
+            f"<td>{html.escape(number(m.get('multiply_adds'), '{:,.0f}'))}</td>",
+            f"<td>{html.escape('v' + champion if champion else '-')}</td>",
+            f'<td class="text">{_link(facts.get("run_url"), (facts.get("run_id") or "-")[:8])}</td>',
+        ]
+        rows.append(f'<tr data-model="{html.escape(model)}">{"".join(cells)}</tr>')
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in header)
+    return f'<table id="models"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def render_data(data: dict[str, Any]) -> str:
+    """What the models learnt from: image counts per class and split, skipped files; tickers and days."""
+    parts = []
+    images = data.get("images")
+    if images:
+        classes, counts = images.get("classes", []), images.get("class_counts", {})
+        splits = list(counts)
+        rows = [[str(name)] + [str(counts[split][i]) for split in splits] for i, name in enumerate(classes)]
+        rows.append(["all"] + [str(images.get("counts", {}).get(split, "-")) for split in splits])
+        skipped = images.get("skipped") or {}
+        parts += [
+            f"<h3>Images: {html.escape(str(images.get('source')))}</h3>",
+            f"<p>{html.escape(str(images.get('provenance', '')))}; "
+            f"{images.get('channels')}x{images.get('height')}x{images.get('width')}; "
+            f"sha256 <code>{html.escape(str(images.get('sha256', ''))[:16])}</code></p>",
+            _table(["class", *splits], rows),
+            f"<p>Files skipped as unreadable or unusable: {skipped.get('count', 0)}"
+            + (
+                ": " + html.escape(", ".join(str(f) for f in skipped.get("files", [])[:20]))
+                if skipped.get("files")
+                else ""
+            )
+            + "</p>",
+        ]
+    stocks = data.get("stocks")
+    if stocks:
+        files = stocks.get("files", {})
+        rows = [
+            [
+                ticker,
+                str(info.get("rows", "-")),
+                f"{info.get('first_date', '?')} .. {info.get('last_date', '?')}",
+                str(info.get("origin", info.get("file", ""))),
+                str(info.get("sha256", ""))[:16],
+            ]
+            for ticker, info in files.items()
+        ]
+        flagged = stocks.get("flagged") or stocks.get("dropped") or {}
+        parts += [
+            f"<h3>Stock prices: {html.escape(str(stocks.get('source')))}</h3>",
+            _table(["ticker", "days", "dates", "from", "sha256"], rows),
+            f"<p>Days flagged or dropped by validation: {html.escape(json.dumps(flagged) if flagged else 'none')}</p>",
+        ]
+    return "\n".join(parts) or "<p>No data stage has run.</p>"
+
+
+def render_provenance(context: dict[str, Any]) -> str:
+    """Where every number came from: this checkout, its params and data, each model's MLflow run (flagged
+    when it was trained from other params, code or data than these), the machine and library versions."""
+    here = context["provenance"]
+    rows = []
+    for model in context["summary"]:
+        facts = context["models"][model]
+        tags = facts.get("tags") or {}
+        notes = []
+        for key, current in (("params_hash", here["params_hash"]), ("git_sha", here["git_sha"])):
+            if tags.get(key) and tags[key] != current:
+                notes.append(f"trained with other {key.split('_')[0]} ({tags[key][:10]})")
+        if not tags:
+            notes.append("run not found in the tracking store")
+        rows.append(
+            f'<tr data-model="{html.escape(model)}"><th>{html.escape(model)}</th>'
+            f'<td class="text">{_link(facts.get("run_url"), facts.get("run_id") or "-")}</td>'
+            f'<td class="text">{html.escape(tags.get("stage", "-"))}</td>'
+            f'<td class="text"><code>{html.escape(tags.get("git_sha", "-")[:10])}</code></td>'
+            f'<td class="text"><code>{html.escape(tags.get("params_hash", "-"))}</code></td>'
+            f'<td class="text"><code>{html.escape(tags.get("data_sha256", "-")[:16])}</code></td>'
+            f'<td class="text{" warn" if notes else ""}">'
+            f"{html.escape('; '.join(notes) or 'matches this checkout')}</td>"
+            "</tr>"
+        )
+    header = "".join(
+        f"<th>{label}</th>" for label in ("model", "MLflow run", "stage", "git sha", "params hash", "data sha256", "")
+    )
+    versions = ", ".join(f"{name} {version}" for name, version in here["libraries"].items())
+    return (
+        f"<p>Checkout <code>{html.escape(here['git_sha'][:10])}</code>, params hash "
+        f"<code>{html.escape(here['params_hash'])}</code>, "
+        f"tracking store <code>{html.escape(here['tracking'])}</code>; "
+        f"report written {html.escape(here['written'])}.</p>"
+        f'<table id="runs"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f"<p>Machine: {html.escape(here['machine'])}.</p><p>Libraries: {html.escape(versions)}.</p>"
+    )
+
+
+def render_html(context: dict[str, Any], reports_dir: Path) -> str:
+    summary = context["summary"]
+    curves = (
+        "".join(
+            _png_figure(png, f"{model}: training curves", source, wide=True)
+            for model, (png, source) in context["curves"].items()
+        )
+        or "<p>No training curves (models/&lt;model&gt;/training_curves.csv) yet.</p>"
+    )
+    figures = [_embedded(reports_dir / "figures" / "augment_preview.png", reports_dir, "Augmentation preview")]
     for model in summary:
-        grid = reports_dir / "figures" / f"{model}_samples.png"  # a generator's samples
-        if grid.is_file():
-            figures.append((f"{model}: generated samples", grid.relative_to(reports_dir)))
+        figures.append(
+            _embedded(reports_dir / "figures" / f"{model}_samples.png", reports_dir, f"{model}: generated samples")
+        )
         for image in sorted((reports_dir / "plots" / model).glob("*.png")):
-            figures.append((f"{model}: {image.stem}", image.relative_to(reports_dir)))
-    gallery = "".join(
-        f'<figure><img src="{html.escape(str(src))}" alt="{html.escape(title)}">'
-        f"<figcaption>{html.escape(title)}</figcaption></figure>"
-        for title, src in figures
-    )
+            figures.append(_embedded(image, reports_dir, f"{model}: {image.stem.replace('_', ' ')}"))
     from dlpipe.compare import render_html as render_compare
     from dlpipe.compare import rows_from_metrics
 
-    compare_table = render_compare(rows_from_metrics(summary))  # `dlpipe compare` prints the same columns
+    champions = {model: (facts.get("champion"), None) for model, facts in context["models"].items()}
+    compare_table = render_compare(rows_from_metrics(summary, champions))  # `dlpipe compare` prints the same
+    nav = "".join(f'<a href="#s-{anchor}">{title}</a>' for anchor, title in SECTIONS)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dlpipe report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.9rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
-thead th {{ background: #f3f3f3; }} tbody th {{ text-align: left; }}
-figure {{ display: inline-block; margin: 1rem; vertical-align: top; }} img {{ max-width: 640px; }}
-</style></head><body>
-<h1>dlpipe report</h1>
-<p>Metrics from <code>reports/metrics/&lt;model&gt;.json</code>;
-accuracy and errors through ONNX Runtime on the held-out test split.</p>
-<table><thead><tr><th>model</th>{header}</tr></thead><tbody>{rows}</tbody></table>
-<h2>Accuracy, speed and size: PyTorch, ONNX Runtime fp32 and int8</h2>
-{compare_table}
+<html lang="en"><head><meta charset="utf-8"><title>dlpipe report</title><style>{STYLE}</style></head><body>
+<h1>dlpipe report</h1><nav>{nav}</nav>
+<p>Test results through ONNX Runtime on each dataset's held-out test split (reports/metrics/&lt;model&gt;.json);
+everything below is in this one file.</p>
+<h2 id="s-models">Models</h2>
+{render_models(context)}
 {render_forecasts(summary)}
 {render_generators(summary)}
-<h2>Figures</h2>{gallery}
-{render_recipes(recipes or {}, reports_dir)}
+<h2 id="s-curves">Training curves</h2>{curves}
+<h2 id="s-figures">Figures</h2>{"".join(figures)}
+<h2 id="s-speed">Speed and size: PyTorch, ONNX Runtime fp32 and int8</h2>
+{compare_table}
+{_png_figure(context.get("latency_png"), "p50 latency against batch size", "latency", wide=True)}
+<div id="s-recipes">{render_recipes(context["recipes"], reports_dir)}</div>
+<h2 id="s-data">Data</h2>{render_data(context["data"])}
+<h2 id="s-provenance">Provenance</h2>{render_provenance(context)}
 </body></html>
 """
 
 
-def write_report(
-    summary: dict[str, dict[str, Any]],
-    reports_dir: Path,
-    summary_path: Path,
-    html_path: Path,
-    recipes: dict[str, dict[str, Any] | None] | None = None,
-) -> None:
-    write_json(summary_path, summary)
+# ---------------------------------------------------------------------------------------- the inputs
+def _library_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (importing torch here would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "lightning", "torchmetrics", "onnx", "onnxruntime", "onnxruntime-gpu", "mlflow", "dvc"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
+
+
+def gather(config: Config) -> dict[str, Any]:
+    """Everything the page shows, read from the stages' outputs and the tracking store."""
+    from dlpipe import tracking
+    from dlpipe.compare import store_exists
+    from dlpipe.tasks import task_of
+
+    paths = config.paths
+    summary = {model: read_json(paths.metrics(model)) for model in config.all_models}
+    recipes = {
+        name: read_json(path) if path.is_file() else None
+        for name, path in (
+            ("transfer", paths.transfer_json),
+            ("distill", paths.distill_json),
+            ("cost", paths.depthwise_json),
+        )
+    }
+    data = {
+        name: read_json(paths.meta(directory))
+        for name, directory in (("images", paths.raw_images), ("stocks", paths.raw_stocks))
+        if paths.meta(directory).is_file()
+    }
+    client = tracking.client(config) if store_exists(config) else None
+    thresholds = config.params.promote.thresholds
+    models, curves = {}, {}
+    for model in summary:
+        task = task_of(config, model)
+        info = read_json(paths.train_info(model)) if paths.train_info(model).is_file() else {}
+        run_id = info.get("run_id")
+        facts: dict[str, Any] = {"task": task.name, "run_id": run_id, "tags": {}, "champion": None, "run_url": None}
+        context = {"threshold": thresholds.get(task.promotion[0]), "classes": (data.get("images") or {}).get("classes")}
+        facts["headline"] = task.headline(summary[model], context)
+        if client is not None and run_id:
+            try:
+                facts["tags"] = dict(client.get_run(run_id).data.tags)
+                facts["run_url"] = tracking.run_url(config, run_id)
+            except Exception as exc:  # a run deleted or a store moved: shown as such, not fatal for a report
+                log.warning("report: %s: MLflow run %s not readable (%s)", model, run_id, exc)
+        if client is not None and config.params.mlflow.register_model:
+            try:
+                facts["champion"] = tracking.champion_version(config, model)
+            except Exception as exc:  # no registered model yet
+                log.debug("report: %s: no champion (%s)", model, exc)
+        models[model] = facts
+        curve_file = paths.training_curves(model)
+        if curve_file.is_file():
+            curves[model] = (training_curves(model, pd.read_csv(curve_file)), str(curve_file.relative_to(paths.root)))
+    provenance = {
+        "git_sha": tracking.git_sha(paths.root),
+        "params_hash": config.params_hash,
+        "tracking": tracking.tracking_uri(config),
+        "written": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "libraries": _library_versions(),
+    }
+    return {
+        "summary": summary,
+        "recipes": recipes,
+        "data": data,
+        "models": models,
+        "curves": curves,
+        "latency_png": latency_vs_batch(summary),
+        "provenance": provenance,
+    }
+
+
+def write_report(context: dict[str, Any], reports_dir: Path, summary_path: Path, html_path: Path) -> None:
+    write_json(summary_path, context["summary"])
     with atomic_path(html_path) as tmp:
-        tmp.write_text(render_html(summary, reports_dir, recipes))
+        tmp.write_text(render_html(context, reports_dir))

@@ -6,6 +6,8 @@ onnxruntime and numpy only: serving a model must not need torch.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from dlpipe.errors import DlpipeError
+
+log = logging.getLogger("dlpipe")
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -26,16 +30,27 @@ _ORT_DTYPES = {
 }
 
 
+def gpu_visible() -> bool:
+    """An NVIDIA GPU on this machine, by its device file or driver tool (no CUDA library is loaded)."""
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
 def create_session(
-    path: Path | str, providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None, spin: bool = True
+    path: Path | str,
+    providers: Sequence[str] = ("cuda", "cpu"),
+    threads: int | None = None,
+    spin: bool = True,
+    strict: bool = False,
 ):
     """An onnxruntime session on the first available of `providers` ("cuda", "cpu").
 
     `spin=False` stops the intra-op threads from busy-waiting for the next call: right for a service whose
     concurrent requests need the cores, wrong for timing back-to-back calls (each would wake the pool).
 
-    A CUDA provider that cannot load only warns and falls back to the CPU, so the provider in use is
-    whatever `session.get_providers()[0]` says; callers record that, not what they asked for.
+    A CUDA provider that cannot load falls back to the CPU, so the provider in use is whatever
+    `session.get_providers()[0]` says; callers record that, not what they asked for. The fallback is never
+    silent: with a GPU on the machine it is a warning, and with `strict` (the GPU profile's evaluation) an
+    error naming the fix.
     """
     import onnxruntime as ort
 
@@ -51,10 +66,18 @@ def create_session(
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DlpipeError(f"{path}: not a loadable ONNX model ({first})") from exc
+    wanted, used = PROVIDERS[providers[0]], session.get_providers()[0]
+    if used != wanted and (strict or (wanted == PROVIDERS["cuda"] and gpu_visible())):
+        why = f"{path}: ONNX Runtime runs on {used}, not {wanted} (onnxruntime {ort.__version__} has "
+        why += f"{', '.join(sorted(available))}; the `gpu` extra installs onnxruntime-gpu)"
+        if strict:
+            raise DlpipeError(why + "; or set evaluate.providers: [cpu]")
+        log.warning("%s", why)
+    return session
 
 
 def latent_vectors(count: int, latent_dim: int, seed: int) -> np.ndarray:

@@ -8,9 +8,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,10 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DATA_KEY_TAG = "data_key"  # version tag: data_key() of what it was evaluated on
 DATA_TAG = "evaluation_data"  # version tag: that evaluation data as JSON (source, test hash, input shape)
 VARIANT_TAG = "variant"  # version tag: fp32 or int8
+DATA_SOURCE_TAG = "data_source"  # run tag: `<dataset>/<source>` of the data it was trained on (images/mnist_5k)
+NOTE_TAG = "mlflow.note.content"  # run tag MLflow shows as the run's description
+RESULT_MARK = "**Evaluated:**"  # starts the note's last paragraph: evaluate's headline, replaced at each evaluate
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 log = logging.getLogger("dlpipe")
 
 
@@ -171,14 +176,115 @@ def git_sha(root: Path) -> str:
         return "unknown"
 
 
-def run_tags(config: Config, model: str, stage: str, data_sha256: str) -> dict[str, str]:
+def model_dataset(config: Config, model: str) -> str | None:
+    """The dataset `model` trains on: its `models` (or `generators`) entry, else its task's; None if unknown."""
+    if model in config.all_models:
+        return config.dataset_of(model)
+    if model in config.params.train:  # trained by a recipe (distill, transfer) without a `models` entry
+        from dlpipe.tasks import task_of
+
+        return task_of(config, model).dataset
+    return None
+
+
+def dataset_meta(config: Config, dataset: str) -> dict[str, Any]:
+    """The meta.json the data stage wrote for `dataset` (empty if it has not run)."""
+    path = config.paths.meta(config.paths.dataset(dataset) / "raw")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_tags(config: Config, model: str, stage: str, data_sha256: str, dataset: str | None = None) -> dict[str, str]:
+    """Tags of a run that trains `model` (`dataset`: the data it trains on; default: the model's)."""
+    dataset = dataset or model_dataset(config, model)
+    source = dataset_meta(config, dataset).get("source") if dataset else None
     return {
         "model": model,
         "stage": stage,
         "git_sha": git_sha(config.paths.root),
         "params_hash": config.params_hash,
         "data_sha256": data_sha256,
+        DATA_SOURCE_TAG: f"{dataset}/{source or 'unknown'}" if dataset else "unknown",
     }
+
+
+def _short_git(tags: Mapping[str, str]) -> str:
+    sha = tags.get("git_sha", "unknown")
+    return "no-git" if sha == "unknown" else sha[:7]  # a project outside a git repository
+
+
+def run_name(tags: Mapping[str, str]) -> str:
+    """`<model> <data source>@<data sha256, 7> <git sha, 7>` from `run_tags`: runs of one model on other data
+    or other code are told apart in the MLflow UI's run list. Runs other than training name their stage first
+    (`distill: cnn images/mnist_5k@1a2b3c4 9f8e7d6`)."""
+    data = f"{tags.get(DATA_SOURCE_TAG, 'unknown')}@{tags.get('data_sha256', '')[:7]}"
+    name = f"{tags['model']} {data} {_short_git(tags)}"
+    return name if tags.get("stage") == "train" else f"{tags.get('stage')}: {name}"
+
+
+def run_url(config: Config, run_id: str) -> str | None:
+    """The run's page in the MLflow UI: under the tracking server for an http(s) URI; for a local store (sqlite,
+    file) at the address `mlflow ui` serves by default. None for another store, or a run it does not hold."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    elif uri.startswith(("sqlite:", "file:")) or (":" not in uri and not uri.startswith("databricks")):  # or a path
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            return None  # asking a missing sqlite file would create an empty store
+        base = MLFLOW_UI
+    else:
+        return None
+    try:
+        experiment_id = client(config).get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _epochs(count: Any) -> str:
+    return f"{count} epoch" if count == 1 else f"{count} epochs"
+
+
+def training_note(
+    tags: Mapping[str, str],
+    task: str,
+    train: Mapping[str, Any],
+    monitor: tuple[str, str],
+    facts: Mapping[str, Any] | None = None,
+) -> str:
+    """The run's description while and after it trains: the model, its data, code and settings (`train`:
+    the train.<model> params it ran with); with `facts` (train.json's), what training did."""
+    optimizer = train.get("optimizer") or {}
+    text = (
+        f"**{tags['model']}** ({task}) trained on {tags.get(DATA_SOURCE_TAG, 'unknown')} "
+        f"(data sha256 `{tags.get('data_sha256', '')[:12]}`), git `{_short_git(tags)}`, "
+        f"params hash `{tags.get('params_hash')}`: at most {_epochs(train.get('epochs'))} of batch "
+        f"{train.get('batch_size')}, {optimizer.get('name', '?')} lr {optimizer.get('lr', float('nan')):g}, "
+        f"the checkpoint kept at the best {monitor[0]} ({monitor[1]})."
+    )
+    if facts:
+        text += (
+            f" Trained {_epochs(facts['epochs_trained'])} in {facts['train_seconds']:.1f} s "
+            f"({facts['precision']} on {facts['device']}): best {facts['monitor']} {facts['best_score']:.4g}."
+        )
+    return text
+
+
+def set_note(config: Config, run_id: str, text: str) -> None:
+    client(config).set_tag(run_id, NOTE_TAG, text)
+
+
+def note_result(config: Config, run_id: str, result: str) -> None:
+    """Put `result` (evaluate's headline) at the end of the run's description, in place of an earlier one;
+    the rest of the note, edits made in the UI included, is kept."""
+    mlflow_client = client(config)
+    note = mlflow_client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+    kept = note.split(RESULT_MARK)[0].rstrip()
+    mlflow_client.set_tag(run_id, NOTE_TAG, f"{kept}\n\n{RESULT_MARK} {result}".lstrip())
 
 
 def set_run_status(config: Config, run_id: str, status: str) -> None:
@@ -211,6 +317,13 @@ def log_artifacts(config: Config, run_id: str, directory: Path, artifact_path: s
     client(config).log_artifacts(run_id, str(directory), artifact_path=artifact_path)
 
 
+def log_files(config: Config, run_id: str, paths: Iterable[Path], artifact_path: str) -> None:
+    """Each of `paths` under `artifact_path` of the run, by its file name."""
+    mlflow_client = client(config)
+    for path in paths:
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested metrics as one level, keys joined by "/" (tickers/GOOG/rmse): MLflow's names for groups."""
     flat = {}
@@ -222,12 +335,54 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# ------------------------------------------------------------------------------------------ metric names
+# Every metric a run shows goes through `metric_name`: Lightning's (train.py's logger), export's and
+# evaluate's (`log_metrics`). A key not named below keeps its name: the keys of reports/metrics/<model>.json
+# and Lightning's `<split>/<name>`. So the run holds one name per quantity, the same name for every model of
+# a task, and the unit in the name where one statistic comes in two units.
+
+# Lightning's test pass of the best checkpoint (train.json keeps it) measures what evaluate measures again on
+# the exported model: the run keeps evaluate's number, the one the metrics file, the report and `dlpipe
+# compare` show. Lightning's name -> the name of the same quantity in the run.
+MEASURED_BY_EVALUATE = {
+    "test/acc": "test_accuracy",
+    "test/macro_f1": "macro_f1",
+    "test/fid": "fid_cnn",
+    "test/d_longest_wins_streak": "discriminator_longest_win_epochs",
+}
+# A forecaster's per-ticker errors are in the ticker's price units, where its pooled figures and Lightning's
+# `rmse_log_return` are in log returns.
+_PRICE_ERRORS = re.compile(r"^tickers/[^/]+/(?:baselines/[^/]+/)?(?:rmse|mae)$")
+PRICE_SUFFIX = "_price"
+# LearningRateMonitor names a learning rate after the optimizer's class (`lr-AdamW`, `lr-SGD`): the optimizer
+# is a setting of the run, not part of the quantity.
+_LEARNING_RATE = re.compile(r"^lr-[A-Za-z]\w*")
+LEARNING_RATE = "train/lr"
+
+
+def metric_name(key: str) -> str | None:
+    """The MLflow name of the metric a stage computes as `key` (flattened, "/"-joined); None: not logged,
+    the run has the same quantity under another name."""
+    if key in MEASURED_BY_EVALUATE:
+        return None
+    if _PRICE_ERRORS.match(key):
+        return key + PRICE_SUFFIX
+    return _LEARNING_RATE.sub(LEARNING_RATE, key, count=1)
+
+
+def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`metrics` (flat) under their MLflow names, those measured under another name left out."""
+    named = {key: metric_name(key) for key in metrics}
+    return {name: metrics[key] for key, name in named.items() if name is not None}
+
+
 def log_metrics(config: Config, run_id: str, metrics: dict[str, Any]) -> None:
-    """Numbers as MLflow metrics; short strings (a verdict, `skill: yes|no`, the provider) as run tags."""
+    """Numbers as MLflow metrics; short strings (a verdict, `skill: yes|no`, the provider) as run tags. Both
+    under their MLflow names (`metric_name`)."""
     from mlflow.entities import Metric, RunTag
 
     stamp = int(time.time() * 1000)
-    flat = flatten(metrics)
+    flat = mlflow_metrics(flatten(metrics))
     numeric = [
         Metric(k, float(v), stamp, 0) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)
     ]

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dlpipe import tracking
 from dlpipe.config import Config
 from dlpipe.cost import model_cost
+from dlpipe.curves import TrainingCurves
 from dlpipe.errors import DlpipeError, Interrupted
 from dlpipe.io import write_json
 from dlpipe.tasks import task_of
@@ -54,6 +55,15 @@ log = logging.getLogger("dlpipe")
 
 
 RESUME_RECORD = "resume.json"  # in the resume directory: what the checkpoints belong to
+
+
+class NamedMetricsLogger(MLFlowLogger):
+    """Lightning's metrics under their MLflow names (tracking.metric_name), as export and evaluate log theirs:
+    one name per quantity in the run."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(tracking.mlflow_metrics(metrics), step)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -139,12 +149,13 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
         last, run_id = _resume_point(config, model, fingerprint)
     else:  # DDP: rank 0 has decided (and cleaned up) before it started this process
         last, run_id = (resume_dir / "last.ckpt" if (resume_dir / "last.ckpt").is_file() else None), None
-    logger = MLFlowLogger(
+    tags = tracking.run_tags(config, model, "train", data_sha256)
+    logger = NamedMetricsLogger(
         experiment_name=config.params.mlflow.experiment,
-        run_name=model,
+        run_name=tracking.run_name(tags),
         run_id=run_id,  # a resumed training continues its run
         tracking_uri=tracking.tracking_uri(config),
-        tags=tracking.run_tags(config, model, "train", data_sha256),
+        tags={**tags, tracking.NOTE_TAG: tracking.training_note(tags, task.name, train.model_dump(), task.monitor)},
         artifact_location=tracking.artifact_location(config),
         log_model=False,  # the best checkpoint is logged below, once, under a stable name
     )
@@ -176,6 +187,9 @@ def fit(config: Config, model: str) -> dict[str, Any] | None:
         raise
     if rank_zero:
         shutil.rmtree(resume_dir, ignore_errors=True)
+    if info is not None:  # the run's description gains what training did
+        note = tracking.training_note(tags, task.name, train.model_dump(), task.monitor, info)
+        tracking.set_note(config, info["run_id"], note)
     return info
 
 
@@ -213,12 +227,16 @@ def _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sh
         callbacks=[
             StopOnNonFiniteLoss(model),
             RestoreRandomState(),
+            TrainingCurves(config.paths.training_curves(model)),  # its rows ride in the checkpoints, for resumes
             checkpoint,
             last_checkpoint,
             EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
             LearningRateMonitor("epoch"),
             *memory_format,
+            # Bars on stderr only where someone watches it: a log file or CI output gets none.
+            L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if os.isatty(2) else 0),
         ],
+        enable_model_summary=False,  # the stage's closing line gives the parameter count
         plugins=[AtomicCheckpointIO()],
         deterministic=plan.deterministic,
         benchmark=plan.cudnn_benchmark,
@@ -230,8 +248,13 @@ def _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sh
     )
     # The directory holds resume.json from the start; Lightning's warning about it is not news.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # The model summary's size estimate assumes fp32 weights, which mixed precision keeps: not news either.
-    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+    # Lightning's own code builds torch's LeafSpec, which torch now deprecates; it behaves as before.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
     started = time.perf_counter()
     if plan.compile:
         # The network alone, in place: its state_dict keys stay those of the plain module, and the steps'

@@ -477,7 +477,8 @@ def mlflow_run(config: Config, results: dict[str, Any]) -> Iterator[str]:
     block fails, FINISHED otherwise."""
     client = tracking.client(config)
     tags = tracking.run_tags(config, results["backbone"]["name"], RUN_NAME, results["data_sha256"])
-    run_id = client.create_run(tracking.ensure_experiment(config), run_name=RUN_NAME, tags=tags).info.run_id
+    experiment = tracking.ensure_experiment(config)
+    run_id = client.create_run(experiment, run_name=tracking.run_name(tags), tags=tags).info.run_id
     try:
         yield run_id
     except BaseException as exc:

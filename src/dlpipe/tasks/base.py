@@ -165,6 +165,24 @@ class Task(ABC):
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         """Figures and the CSV tables `dvc plots` renders, written into `directory`."""
 
+    def headline(self, metrics: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+        """The report's one-line judgement of a model: `metric` (its test result), `baseline` (what it is
+        measured against) and `verdict`. `context`: `threshold` (the promotion floor or ceiling, if any)
+        and `classes` (the image classes, when the data has them)."""
+        value = metrics.get(self.promotion[0])
+        threshold = context.get("threshold")
+        metric = "-" if value is None else f"{self.promotion[0]} {value:.4g}"
+        if value is None or threshold is None:
+            return {"metric": metric, "baseline": "-", "verdict": "-"}
+        passes = value >= threshold if self.promotion[1] else value <= threshold
+        bound = ">=" if self.promotion[1] else "<="
+        verdict = (
+            f"meets the promotion gate ({bound} {threshold:g})"
+            if passes
+            else f"misses the gate ({bound} {threshold:g})"
+        )
+        return {"metric": metric, "baseline": f"gate {bound} {threshold:g}", "verdict": verdict}
+
     # ------------------------------------------------------------------- synthetic data (tests, benchmarks)
 
     @abstractmethod

@@ -179,6 +179,14 @@ class ClassifierTask(Task):
         confusion = multiclass_confusion_matrix(torch.from_numpy(onnx_pred), target, len(classes)).numpy()
         return metrics, {"confusion": confusion, "actual": y, "predicted": onnx_pred, "classes": classes}
 
+    def headline(self, metrics: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+        """ONNX test accuracy against chance (one class in `classes`); the verdict is the promotion floor's."""
+        line = super().headline(metrics, context)
+        classes = context.get("classes") or []
+        if classes:
+            line["baseline"] = f"chance {1 / len(classes):.3f}; " + line["baseline"]
+        return line
+
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         plt = plots.pyplot()
         classes, confusion = outputs["classes"], outputs["confusion"]

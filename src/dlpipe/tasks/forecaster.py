@@ -238,6 +238,20 @@ class ForecasterTask(Task):
         data = self.stock_data(config, model)
         return pooled_rmse_ratio(data, self._predicted_returns(self._test_inputs(data), session))
 
+    def headline(self, metrics: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+        """RMSE over persistence's, pooled over the tickers; the baselines on the same days; the skill verdict."""
+        ratio, baselines = metrics.get("rmse_ratio_vs_persistence"), metrics.get("baselines") or {}
+        others = ", ".join(
+            f"{name.replace('_', ' ')} {scores['rmse_ratio_vs_persistence']:.4f}"
+            for name, scores in baselines.items()
+            if isinstance(scores, dict) and scores.get("rmse_ratio_vs_persistence") is not None
+        )
+        return {
+            "metric": "-" if ratio is None else f"RMSE / persistence {ratio:.4f}",
+            "baseline": "persistence 1" + (f"; {others}" if others else ""),
+            "verdict": str(metrics.get("verdict", "-")),
+        }
+
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         from dlpipe.tasks.forecaster_judgement import plot_forecasts
 

@@ -60,12 +60,12 @@ class ForecasterModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, rmse = self.model_step(batch)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True)
-        self.log("val/rmse_logret", rmse, on_epoch=True)
+        self.log("val/rmse_log_return", rmse, on_epoch=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, rmse = self.model_step(batch)
         self.log("test/loss", loss, on_epoch=True)
-        self.log("test/rmse_logret", rmse, on_epoch=True)
+        self.log("test/rmse_log_return", rmse, on_epoch=True)
 
     def configure_optimizers(self):
         return configure_optimizers(OptimizerParams(**self.hparams.optimizer), self.parameters(), self.hparams.epochs)

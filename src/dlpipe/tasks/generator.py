@@ -254,6 +254,20 @@ class GeneratorTask(Task):
         samples = self._samples(config, model, session)
         return frechet_distance(feature_extractor(config, model), self._split(config, "test"), samples)
 
+    def headline(self, metrics: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+        """FID in the judge's features against the real-vs-real floor; diversity and classes drawn."""
+        fid, floor = metrics.get(self.promotion[0]), metrics.get("fid_cnn_real_floor")
+        warning = metrics.get("warning") if metrics.get("warning") not in (None, "none") else None
+        verdict = (
+            f"diversity {metrics.get('diversity_ratio', float('nan')):.2f}, "
+            f"{metrics.get('classes_drawn', '?')} of {len(metrics.get('class_counts') or {})} classes drawn"
+        )
+        return {
+            "metric": "-" if fid is None else f"FID {fid:.1f}",
+            "baseline": "-" if floor is None else f"real-vs-real floor {floor:.1f}",
+            "verdict": f"{warning}; {verdict}" if warning else verdict,
+        }
+
     def plots(self, config: Config, model: str, outputs: dict[str, Any], directory: Path) -> None:
         import pandas as pd
 

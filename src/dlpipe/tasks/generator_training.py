@@ -194,5 +194,9 @@ class GeneratorModule(L.LightningModule):
             make_optimizer(params, self.model.parameters()),
             make_optimizer(params, self.discriminator.parameters()),
         ]
-        schedules = [make_schedule(params, optimizer, self.hparams.epochs) for optimizer in optimizers]
+        # Named for LearningRateMonitor, which would otherwise call both `lr-Adam` and tell them apart by order.
+        schedules = [
+            {"scheduler": make_schedule(params, optimizer, self.hparams.epochs), "name": f"train/lr_{network}"}
+            for optimizer, network in zip(optimizers, ("generator", "discriminator"), strict=True)
+        ]
         return optimizers, schedules
