@@ -45,8 +45,11 @@ def test_two_process_ddp_gives_one_run_and_one_checkpoint(tmp_path):
     dlpipe("train", "cnn", cwd=root, env=env)
 
     model_dir = root / "models" / "cnn"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["best.ckpt", "train.json"]  # no scratch left behind
+    # No scratch left behind; rank 0 alone wrote the curve (one row per epoch, not one per process).
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best.ckpt", "train.json", "training_curves.csv"]
     info = json.loads((model_dir / "train.json").read_text())
+    curve_rows = (model_dir / "training_curves.csv").read_text().strip().splitlines()[1:]
+    assert len(curve_rows) == info["epochs_trained"]
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("dlpipe").experiment_id])
     assert [run.info.run_id for run in runs] == [info["run_id"]]

@@ -17,8 +17,13 @@ log = logging.getLogger("dlpipe")
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Lightning's notices of every run (devices, precision, LOCAL_RANK, an advertisement for litlogger,
-# "`Trainer.fit` stopped", checkpoint restores) are INFO records of these two loggers.
-LIGHTNING_NOTICES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# "`Trainer.fit` stopped", checkpoint restores) are INFO records of these loggers; on a GPU the CUDA
+# accelerator adds "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]" for the fit and again for the test.
+LIGHTNING_NOTICES = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+)
 # MLflow loads a model it logs to check its input example; an ONNX model declares MLflow's default providers
 # (CUDA, then CPU), so on a machine without CUDA it warns that it checks on the CPU. Registering is unaffected.
 MLFLOW_PROVIDERS_NOTICE = re.compile(r"ONNX model declares execution providers .* are unavailable")
