@@ -142,7 +142,11 @@ class StockWindowDataModule(_SplitLoaders):
         inputs = ticker_inputs(windows, len(data.tickers))
         dataset = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(windows.y))
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, pin_memory=self.pin_memory
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray, float, float]:

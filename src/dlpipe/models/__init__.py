@@ -3,6 +3,8 @@
 Importing this package registers every family, so `list_models()` is complete.
 """
 
+# Importing the family modules registers their models.
+from dlpipe.models import alexnet, cnn, dcgan, inception, mlp, mobilenet, resnet, rnn, vgg  # noqa: E402,F401,I001
 from dlpipe.models.registry import (
     ModelSpec,
     count_trainable_parameters,
@@ -11,8 +13,5 @@ from dlpipe.models.registry import (
     list_models,
     register_model,
 )
-
-# Importing the family modules registers their models.
-from dlpipe.models import alexnet, cnn, dcgan, inception, mlp, mobilenet, resnet, rnn, vgg  # noqa: E402,F401,I001
 
 __all__ = ["ModelSpec", "count_trainable_parameters", "get_model", "get_spec", "list_models", "register_model"]
