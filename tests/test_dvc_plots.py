@@ -8,13 +8,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +20,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO_ROOT, tiny_params, write_project
+from conftest import REPO_ROOT, tiny_params
 from dlpipe.curves import TrainingCurves
 from projects import git_dvc_project, run
 
@@ -196,50 +192,6 @@ def test_resumed_training_ends_with_the_whole_curve(tmp_path):
     # A new process: a fresh callback, the first two epochs' rows only in the checkpoint.
     _fit(target, epochs=4, resume_dir=resume_dir, ckpt_path=resume_dir / "last.ckpt")
     assert pd.read_csv(target).to_dict("records") == _expected_rows(4)
-
-
-def _last_checkpoint(resume_dir: Path) -> dict:
-    last = resume_dir / "last.ckpt"
-    return torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else {"epoch": -1}
-
-
-@pytest.mark.slow
-def test_train_killed_and_rerun_writes_the_whole_curve(tmp_path):
-    from dlpipe import stages
-    from dlpipe.config import load_config
-
-    params = tiny_params()
-    params["models"], params["generators"] = {"cnn": "images"}, {}
-    # Small batches: epochs of a second or two, so the kill lands well before the end.
-    params["train"]["cnn"].update(epochs=6, patience=6, batch_size=8)
-    config = load_config(write_project(tmp_path / "project", params))
-    stages.fetch_images(config)
-    stages.augment(config)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "dlpipe", "train", "cnn"]
-    process = subprocess.Popen(command, cwd=config.paths.root, env=env, start_new_session=True)
-    resume_dir = config.paths.resume_dir("cnn")
-    deadline = time.monotonic() + 180
-    while _last_checkpoint(resume_dir)["epoch"] < 1:
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "training did not reach its second epoch in time"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    saved = _last_checkpoint(resume_dir)[TrainingCurves.KEY]
-    assert [row["epoch"] for row in saved] == list(range(len(saved))) and len(saved) < 6
-
-    subprocess.run(command, cwd=config.paths.root, env=env, check=True, capture_output=True, timeout=600)
-    info = json.loads(config.paths.train_info("cnn").read_text())
-    assert info["resumed"]
-    curves = pd.read_csv(config.paths.training_curves("cnn"))
-    assert curves["epoch"].tolist() == list(range(info["epochs_trained"]))
-    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(curves.columns)
-    assert not curves.isna().any().any()
-    # The epochs trained before the kill come from the checkpoint (the rerun never saw them), unchanged.
-    before = pd.DataFrame(saved)[curves.columns]
-    pd.testing.assert_frame_equal(curves.iloc[: len(saved)], before, check_dtype=False)
 
 
 # ------------------------------------------------------------------- a tiny project, as a user has it

@@ -207,3 +207,7 @@ def test_sigkill_then_dvc_repro_resumes_exactly(tmp_path):
     assert reference_status == crashed_status == "FINISHED"
     assert crashed_epochs == reference_epochs
     assert crashed_curves == reference_curves and len(reference_curves["val/loss"]) == 8
+    # The training-curve file too: the epochs before the kill came back from the checkpoint, unchanged.
+    curve_files = [root / "models" / "lstm" / "training_curves.csv" for root in (reference, crashed)]
+    assert curve_files[1].read_text() == curve_files[0].read_text()
+    assert len(curve_files[0].read_text().strip().splitlines()) == 1 + reference_epochs
