@@ -155,12 +155,6 @@ def rows_from_metrics(
 # ----------------------------------------------------------------------------------------------- MLflow
 
 
-def store_exists(config: Config) -> bool:
-    """False for a sqlite store whose file is missing: reading must not create an empty mlflow.db."""
-    uri = tracking.tracking_uri(config)
-    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
-
-
 def _serving_version(mlflow_client, model: str):
     """(version, source): the champion, else the newest version (a registry whose promotion never ran)."""
     name = tracking.registered_name(model)
@@ -226,7 +220,7 @@ def rows_from_mlflow(config: Config, models: Iterable[str]) -> list[CompareRow]:
     """One row per model from MLflow: the champion version's run (else the newest version's, else the newest
     finished train run's). A model MLflow knows nothing of gives a row of dashes."""
     models = list(models)
-    if not store_exists(config):
+    if not tracking.store_exists(config):
         return [_empty_row(config, model) for model in models]
     from mlflow.exceptions import MlflowException
 

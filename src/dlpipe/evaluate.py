@@ -5,7 +5,6 @@ by training."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from dlpipe.config import Config
 from dlpipe.errors import DlpipeError
-from dlpipe.plots import save_csv
+from dlpipe.plots import latency_rows, save_csv
 from dlpipe.runtime import InputContract, create_session, latency_ms
 from dlpipe.tasks import task_of
 
@@ -52,18 +51,13 @@ def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], 
     return table
 
 
-LATENCY_KEY = re.compile(r"latency_ms_(?P<backend>[a-z0-9]+)_b(?P<batch>[0-9]+)_p50")
 BACKENDS = ("torch", "onnx", "int8")  # the CSV's row order: eager PyTorch, then the fp32 and int8 graphs
 
 
 def write_latency_csv(metrics: dict[str, Any], target: Path) -> None:
     """Every p50 latency in `metrics` (`latency_ms_<backend>_b<batch>_p50`, the shared table's and any a task
     adds) as rows `batch, backend, p50_ms`: one line per backend when `dvc plots` draws p50_ms against batch."""
-    rows = [
-        {"batch": int(match["batch"]), "backend": match["backend"], "p50_ms": float(value)}
-        for key, value in metrics.items()
-        if (match := LATENCY_KEY.fullmatch(key))
-    ]
+    rows = latency_rows(metrics)
     order = {name: index for index, name in enumerate(BACKENDS)}
     rows.sort(key=lambda row: (order.get(row["backend"], len(order)), row["backend"], row["batch"]))
     save_csv(pd.DataFrame(rows, columns=["batch", "backend", "p50_ms"]), target)

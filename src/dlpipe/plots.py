@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -29,3 +32,16 @@ def save_figure(figure, target: Path, **savefig_kwargs) -> None:
 def save_csv(frame: pd.DataFrame, target: Path) -> None:
     with atomic_path(target) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+# The evaluate stage's latency metrics: latency_ms_<backend>_b<batch>_p50.
+LATENCY_KEY = re.compile(r"latency_ms_(?P<backend>[a-z0-9]+)_b(?P<batch>[0-9]+)_p50")
+
+
+def latency_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every p50 latency in a model's metrics as `{"batch", "backend", "p50_ms"}` rows (unordered)."""
+    return [
+        {"batch": int(match["batch"]), "backend": match["backend"], "p50_ms": float(value)}
+        for key, value in metrics.items()
+        if (match := LATENCY_KEY.fullmatch(key)) and isinstance(value, int | float)
+    ]

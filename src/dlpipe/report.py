@@ -23,31 +23,6 @@ from dlpipe.report_figures import latency_vs_batch, training_curves
 
 log = logging.getLogger("dlpipe")
 
-# Columns shown in the comparison table, in order; absent keys show as a dash.
-TABLE_COLUMNS = (
-    ("trainable_params", "trainable params", "{:,.0f}"),
-    ("multiply_adds", "multiply-adds / sample", "{:,.0f}"),
-    ("train_seconds", "train s", "{:.1f}"),
-    ("test_accuracy", "test acc (torch)", "{:.4f}"),
-    ("onnx_accuracy", "test acc (ONNX)", "{:.4f}"),
-    ("macro_f1", "macro F1", "{:.4f}"),
-    ("rmse_ratio_vs_persistence", "RMSE / persistence", "{:.4f}"),
-    ("dm_pvalue", "Diebold-Mariano p", "{:.3g}"),
-    ("skill", "skill", "{}"),
-    ("directional_accuracy", "direction acc", "{:.3f}"),
-    ("onnx_max_abs_diff", "max |torch - ONNX|", "{:.2e}"),
-    ("latency_ms_torch_b1_p50", "torch b1 p50 ms", "{:.3f}"),
-    ("latency_ms_onnx_b1_p50", "ONNX b1 p50 ms", "{:.3f}"),
-    ("latency_ms_onnx_b1_p99", "ONNX b1 p99 ms", "{:.3f}"),
-    ("latency_ms_onnx_b32_p50", "ONNX b32 p50 ms", "{:.3f}"),
-    ("throughput_onnx_b32_per_s", "ONNX b32 items/s", "{:,.0f}"),
-)
-
-
-def _cell(metrics: dict[str, Any], key: str, pattern: str) -> str:
-    value = metrics.get(key)
-    return "&ndash;" if value is None else html.escape(pattern.format(value))
-
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(label)}</th>" for label in header)
@@ -443,7 +418,6 @@ def _machine() -> str:
 def gather(config: Config) -> dict[str, Any]:
     """Everything the page shows, read from the stages' outputs and the tracking store."""
     from dlpipe import tracking
-    from dlpipe.compare import store_exists
     from dlpipe.tasks import task_of
 
     paths = config.paths
@@ -461,7 +435,8 @@ def gather(config: Config) -> dict[str, Any]:
         for name, directory in (("images", paths.raw_images), ("stocks", paths.raw_stocks))
         if paths.meta(directory).is_file()
     }
-    client = tracking.client(config) if store_exists(config) else None
+    client = tracking.client(config) if tracking.store_exists(config) else None
+    ui_base = tracking.ui_base(config)
     thresholds = config.params.promote.thresholds
     models, curves = {}, {}
     for model in summary:
@@ -473,8 +448,10 @@ def gather(config: Config) -> dict[str, Any]:
         facts["headline"] = task.headline(summary[model], context)
         if client is not None and run_id:
             try:
-                facts["tags"] = dict(client.get_run(run_id).data.tags)
-                facts["run_url"] = tracking.run_url(config, run_id)
+                run = client.get_run(run_id)
+                facts["tags"] = dict(run.data.tags)
+                # The run is in hand: its page needs no second lookup of its experiment.
+                facts["run_url"] = tracking.run_page(ui_base, run.info.experiment_id, run_id) if ui_base else None
             except Exception as exc:  # a run deleted or a store moved: shown as such, not fatal for a report
                 log.warning("report: %s: MLflow run %s not readable (%s)", model, run_id, exc)
         if client is not None and config.params.mlflow.register_model:

@@ -4,16 +4,13 @@ batch size for all models. PNG bytes, embedded in reports/index.html; nothing is
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
-from dlpipe.plots import pyplot
+from dlpipe.plots import latency_rows, pyplot
 
-# reports/metrics/<model>.json latency keys: latency_ms_<backend>_b<batch>_p50
-LATENCY_KEY = re.compile(r"^latency_ms_(?P<backend>[a-z0-9]+)_b(?P<batch>\d+)_p50$")
 BACKEND_LABELS = {"torch": "PyTorch", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
 
 
@@ -52,13 +49,11 @@ def training_curves(model: str, curves: pd.DataFrame) -> bytes | None:
 
 def latency_points(summary: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """(model, backend, batch, p50 ms) for every latency figure the evaluate stage measured."""
-    points = []
-    for model, metrics in summary.items():
-        for key, value in metrics.items():
-            match = LATENCY_KEY.match(key)
-            if match and isinstance(value, int | float):
-                points.append({"model": model, "backend": match["backend"], "batch": int(match["batch"]), "ms": value})
-    return points
+    return [
+        {"model": model, "backend": row["backend"], "batch": row["batch"], "ms": row["p50_ms"]}
+        for model, metrics in summary.items()
+        for row in latency_rows(metrics)
+    ]
 
 
 def latency_vs_batch(summary: Mapping[str, Mapping[str, Any]]) -> bytes | None:

@@ -224,25 +224,40 @@ def run_name(tags: Mapping[str, str]) -> str:
     return name if tags.get("stage") == "train" else f"{tags.get('stage')}: {name}"
 
 
-def run_url(config: Config, run_id: str) -> str | None:
-    """The run's page in the MLflow UI: under the tracking server for an http(s) URI; for a local store (sqlite,
-    file) at the address `mlflow ui` serves by default. None for another store, or a run it does not hold."""
-    from mlflow.exceptions import MlflowException
+def store_exists(config: Config) -> bool:
+    """False for a sqlite store whose file is missing: reading must not create an empty mlflow.db."""
+    uri = tracking_uri(config)
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
+
+def ui_base(config: Config) -> str | None:
+    """Where the MLflow UI shows this store: the tracking server for an http(s) URI; for a local store (sqlite,
+    file) the address `mlflow ui` serves by default. None for another store, or a sqlite file not yet made."""
     uri = tracking_uri(config)
     if uri.startswith(("http://", "https://")):
-        base = uri.rstrip("/")
-    elif uri.startswith(("sqlite:", "file:")) or (":" not in uri and not uri.startswith("databricks")):  # or a path
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            return None  # asking a missing sqlite file would create an empty store
-        base = MLFLOW_UI
-    else:
+        return uri.rstrip("/")
+    if uri.startswith(("sqlite:", "file:")) or (":" not in uri and not uri.startswith("databricks")):  # or a path
+        return MLFLOW_UI if store_exists(config) else None
+    return None
+
+
+def run_page(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page under the UI address `ui_base` gives."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_url(config: Config, run_id: str) -> str | None:
+    """The run's page in the MLflow UI (see `ui_base`); None for another store, or a run it does not hold."""
+    from mlflow.exceptions import MlflowException
+
+    base = ui_base(config)
+    if base is None:
         return None
     try:
         experiment_id = client(config).get_run(run_id).info.experiment_id
     except MlflowException:
         return None
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return run_page(base, experiment_id, run_id)
 
 
 def _epochs(count: Any) -> str:
