@@ -53,7 +53,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY src/ src/
 RUN set -eux; \
-    pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt ".[${ONNX_EXTRA}]"; \
+    pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt ".[${ONNX_EXTRA},servers]"; \
     python -c "import dlpipe, torch, onnxruntime; print('torch', torch.__version__, 'onnxruntime', onnxruntime.__version__)"
 
 COPY pipelines/ pipelines/

@@ -113,7 +113,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-# Shared fixtures that start real servers (imported here so every test module can request them).
-from servers import mlflow_server  # noqa: E402, F401

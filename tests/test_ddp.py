@@ -1,6 +1,6 @@
 """Lightning DDP on two CPU processes (gloo), run as the user runs it (`dlpipe train cnn` with
-`trainer.devices: 2`): every rank trains, rank 0 alone logs to MLflow and writes the checkpoint and
-train.json. A subprocess, because DDP leaves a process group and MASTER_PORT behind."""
+`trainer.devices: 2`, `trainer.strategy: ddp`): every rank trains, rank 0 alone logs to MLflow and writes
+the checkpoint and train.json. A subprocess, because DDP leaves a process group and MASTER_PORT behind."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_two_process_ddp_gives_one_run_and_one_checkpoint(tmp_path):
 
     params = tiny_params()
     params["models"] = {"cnn": "images"}
-    params["trainer"].update(accelerator="cpu", devices=2)
+    params["trainer"].update(accelerator="cpu", devices=2, strategy="ddp", num_nodes=1)  # params -> Lightning
     root = write_project(tmp_path / "project", params).parent
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MASTER_PORT": str(free_port())}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -48,6 +48,8 @@ def test_two_process_ddp_gives_one_run_and_one_checkpoint(tmp_path):
     # No scratch left behind; rank 0 alone wrote the curve (one row per epoch, not one per process).
     assert sorted(p.name for p in model_dir.iterdir()) == ["best.ckpt", "train.json", "training_curves.csv"]
     info = json.loads((model_dir / "train.json").read_text())
+    assert (info["strategy"], info["world_size"], info["num_nodes"]) == ("DDPStrategy", 2, 1)
+    assert info["process_group_backend"] == "gloo"  # the CPU's collective backend
     curve_rows = (model_dir / "training_curves.csv").read_text().strip().splitlines()[1:]
     assert len(curve_rows) == info["epochs_trained"]
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

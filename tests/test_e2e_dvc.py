@@ -1,5 +1,6 @@
 """End to end as a user runs it: the repository copied into a fresh git + DVC repo, `dvc repro` on tiny
-params, metrics and MLflow runs checked, and a second `dvc repro` that has nothing to do."""
+params, metrics and MLflow runs checked, a second `dvc repro` that has nothing to do, and `dvc push` to the
+default remote then `dvc pull` into a fresh clone, which has nothing to rerun."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import tiny_params
-from projects import git_dvc_project, run
+from projects import git_dvc_project, project_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +134,38 @@ def test_experiment_compares_with_baseline_and_image_change_spares_forecaster(re
         run(["git", "checkout", "--", "params.yaml", "dvc.lock"], root, env)
         run(["dvc", "checkout", "--force"], root, env)
     assert "up to date" in run(["dvc", "status"], root, env).stdout
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_models_without_retraining(repo):
+    # Last in the file: it commits, and test_one_finished_tagged_run_per_model compares the runs' git_sha
+    # with HEAD. The workspace is the committed state again after the experiment test, or, run alone, the
+    # first repro's: either way what is committed here is what was pushed.
+    root, env = repo
+    run(["git", "add", "-A"], root, env)  # dvc.lock (and params.yaml, the .gitignore files DVC wrote)
+    if run(["git", "status", "--porcelain"], root, env).stdout.strip():
+        run(["git", "commit", "-qm", "pipeline results"], root, env)
+    assert run(["dvc", "remote", "default"], root, env).stdout.strip() == "local"
+
+    run(["dvc", "push"], root, env)
+    # .dvc/config's `../../dlpipe-remote` is resolved from .dvc/: a directory beside the checkout.
+    remote = root.parent / "dlpipe-remote"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    md5 = next(out["md5"] for out in lock["stages"]["train@cnn"]["outs"] if out["path"] == "models/cnn/best.ckpt")
+    assert (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+    # A clone beside the original: its .dvc/config names the same remote directory, unchanged.
+    clone = root.parent / "dlpipe-clone"
+    run(["git", "clone", "-q", str(root), str(clone)], root.parent, env)
+    clone_env = project_env(clone)
+    assert not (clone / "models").exists()
+    run(["dvc", "pull"], clone, clone_env)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    files = ("best.ckpt", "model.onnx", "model.int8.onnx", "train.json", "export.json")
+    for model in [*params["models"], *params["generators"]]:
+        for name in files:
+            path = Path("models") / model / name
+            assert (clone / path).read_bytes() == (root / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, clone_env).stdout
+    again = run(["dvc", "repro"], clone, clone_env).stdout
+    assert "Running stage" not in again and "Data and pipelines are up to date" in again, again

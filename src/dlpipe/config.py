@@ -208,6 +208,9 @@ class TrainerParams(_Strict):
     profile: Literal["cpu", "gpu"] = "cpu"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: PositiveInt | Literal["auto"] = "auto"
+    # Lightning's strategy name: auto (DDP when devices > 1), ddp, ddp_spawn, fsdp, ... (see Lightning's docs)
+    strategy: str = "auto"
+    num_nodes: PositiveInt = 1  # machines of a multi-node DDP run (each launched with torchrun or SLURM)
     # null: each model's train.<model>.precision, else the profile's default; a value here applies to all.
     precision: Precision | None = None
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -367,6 +370,18 @@ class GeneratorEntry(_Strict):
     features: str  # a classifier in `models`, trained before the generator (dvc.yaml orders them)
 
 
+class FlowParams(_Strict):
+    """The Prefect flow (pipelines/flows.py): how stages fan out, which are retried. Read by no DVC stage."""
+
+    workers: PositiveInt = 2  # stages run at once on the local Dask cluster; each gets an equal share of the cores
+    dask_address: str | None = None  # scheduler of an existing Dask cluster (tcp://host:8786); null = a local one
+    gpu_limit: Annotated[int, Field(ge=0)] | None = None  # `dlpipe-gpu` concurrency slots; null = GPUs seen
+    cache: bool = True  # skip a stage whose DVC inputs (params section, dep hashes, command) are unchanged
+    fetch_retries: Annotated[int, Field(ge=0)] = 3  # network fetches only: training and evaluation are deterministic
+    fetch_retry_delay_s: PositiveFloat = 10.0  # first retry's delay, doubled each time (exponential backoff)
+    fetch_timeout_s: PositiveFloat = 1800.0  # a fetch that hangs longer fails (and is retried)
+
+
 class Params(_Strict):
     seed: int
     # model -> the dataset it trains on; dvc.yaml makes each model's stages depend on data/<dataset> only.
@@ -387,6 +402,7 @@ class Params(_Strict):
     cost: CostParams = CostParams()
     distill: DistillParams = DistillParams()
     transfer: TransferParams = TransferParams()
+    flow: FlowParams = FlowParams()
 
     @model_validator(mode="after")
     def _models_have_train_sections(self) -> Params:

@@ -415,10 +415,73 @@ def _machine() -> str:
     return f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
 
 
+def model_facts(
+    config: Config, model: str, metrics: dict[str, Any], client: Any, classes: list[str] | None = None
+) -> dict[str, Any]:
+    """One model's row: its task, the task's headline (result, baseline, verdict), its MLflow run (id, tags,
+    page) and registry champion. `client`: an MLflow client of the store, or None when there is none."""
+    from dlpipe import tracking
+    from dlpipe.tasks import task_of
+
+    paths = config.paths
+    task = task_of(config, model)
+    info = read_json(paths.train_info(model)) if paths.train_info(model).is_file() else {}
+    run_id = info.get("run_id")
+    facts: dict[str, Any] = {"task": task.name, "run_id": run_id, "tags": {}, "champion": None, "run_url": None}
+    context = {"threshold": config.params.promote.thresholds.get(task.promotion[0]), "classes": classes}
+    facts["headline"] = task.headline(metrics, context)
+    ui_base = tracking.ui_base(config)
+    if client is not None and run_id:
+        try:
+            run = client.get_run(run_id)
+            facts["tags"] = dict(run.data.tags)
+            # The run is in hand: its page needs no second lookup of its experiment.
+            facts["run_url"] = tracking.run_page(ui_base, run.info.experiment_id, run_id) if ui_base else None
+        except Exception as exc:  # a run deleted or a store moved: shown as such, not fatal for a report
+            log.warning("report: %s: MLflow run %s not readable (%s)", model, run_id, exc)
+    if client is not None and config.params.mlflow.register_model:
+        try:
+            facts["champion"] = tracking.champion_version(config, model)
+        except Exception as exc:  # no registered model yet
+            log.debug("report: %s: no champion (%s)", model, exc)
+    return facts
+
+
+def models_markdown(config: Config, models: list[str]) -> str:
+    """The models' results as a Markdown table (a Prefect artifact, a chat message): the headline, p50
+    latency, the champion and a link to each model's MLflow run. Models without metrics yet are skipped."""
+    from dlpipe import tracking
+
+    client = tracking.client(config) if tracking.store_exists(config) else None
+    lines = [
+        "| model | task | test result (ONNX Runtime) | baseline | verdict | p50 ms b1 (ORT) | champion | MLflow run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        if not config.paths.metrics(model).is_file():
+            continue
+        metrics = read_json(config.paths.metrics(model))
+        facts = model_facts(config, model, metrics, client)
+        line = facts["headline"]
+        run = (facts["run_id"] or "-")[:8]
+        link = f"[{run}]({facts['run_url']})" if facts["run_url"] else run
+        cells = [
+            model,
+            facts["task"],
+            line["metric"],
+            line["baseline"],
+            line["verdict"],
+            number(metrics.get("latency_ms_onnx_b1_p50"), "{:.3f}"),
+            f"v{facts['champion']}" if facts["champion"] else "-",
+            link,
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gather(config: Config) -> dict[str, Any]:
     """Everything the page shows, read from the stages' outputs and the tracking store."""
     from dlpipe import tracking
-    from dlpipe.tasks import task_of
 
     paths = config.paths
     summary = {model: read_json(paths.metrics(model)) for model in config.all_models}
@@ -436,29 +499,10 @@ def gather(config: Config) -> dict[str, Any]:
         if paths.meta(directory).is_file()
     }
     client = tracking.client(config) if tracking.store_exists(config) else None
-    ui_base = tracking.ui_base(config)
-    thresholds = config.params.promote.thresholds
+    classes = (data.get("images") or {}).get("classes")
     models, curves = {}, {}
     for model in summary:
-        task = task_of(config, model)
-        info = read_json(paths.train_info(model)) if paths.train_info(model).is_file() else {}
-        run_id = info.get("run_id")
-        facts: dict[str, Any] = {"task": task.name, "run_id": run_id, "tags": {}, "champion": None, "run_url": None}
-        context = {"threshold": thresholds.get(task.promotion[0]), "classes": (data.get("images") or {}).get("classes")}
-        facts["headline"] = task.headline(summary[model], context)
-        if client is not None and run_id:
-            try:
-                run = client.get_run(run_id)
-                facts["tags"] = dict(run.data.tags)
-                # The run is in hand: its page needs no second lookup of its experiment.
-                facts["run_url"] = tracking.run_page(ui_base, run.info.experiment_id, run_id) if ui_base else None
-            except Exception as exc:  # a run deleted or a store moved: shown as such, not fatal for a report
-                log.warning("report: %s: MLflow run %s not readable (%s)", model, run_id, exc)
-        if client is not None and config.params.mlflow.register_model:
-            try:
-                facts["champion"] = tracking.champion_version(config, model)
-            except Exception as exc:  # no registered model yet
-                log.debug("report: %s: no champion (%s)", model, exc)
+        facts = model_facts(config, model, summary[model], client, classes)
         models[model] = facts
         curve_file = paths.training_curves(model)
         if curve_file.is_file():

@@ -222,6 +222,8 @@ def _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sh
         max_epochs=train.epochs,
         accelerator=config.params.trainer.accelerator,
         devices=config.params.trainer.devices,
+        strategy=config.params.trainer.strategy,
+        num_nodes=config.params.trainer.num_nodes,
         precision=plan.precision,
         logger=logger,
         callbacks=[
@@ -292,6 +294,11 @@ def _fit_and_test(config, model, plan, task, module, datamodule, logger, data_sh
         "precision": plan.precision,
         "batch_size": train.batch_size,
         "device": str(trainer.strategy.root_device),
+        # Where it trained: the strategy, its processes across nodes and, under DDP, the collective backend.
+        "strategy": type(trainer.strategy).__name__,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "process_group_backend": getattr(trainer.strategy, "process_group_backend", None),
         "monitor": monitor,
         "best_score": float(checkpoint.best_model_score),
         "test": {k: float(v) for k, v in test_metrics.items()},
