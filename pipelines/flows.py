@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import selectors
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from pipelines.slots import StageSlots, gpu_devices
 OUTPUT_TAIL_LINES = 40  # lines of a failed stage's output kept in the task's error message
 GPU_LIMIT = "dlpipe-gpu"  # the Prefect global concurrency limit trainings on a GPU take slots of
 CACHE_DIR = Path(".prefect") / "cache"  # per project (git-ignored): cache records travel with the outputs
+STOP_GRACE_SECONDS = 10  # a stopped stage's time to end cleanly before it is killed
 READ_POLL_SECONDS = 1.0  # a silent stage's output is polled this often, so a timeout can stop it
 DATA_KINDS = ("fetch_images", "fetch_stocks", "augment")
 
@@ -126,12 +128,21 @@ def _run_command(root: Path, stage: Stage, cpus: set[int] | None, env: dict[str,
                 logger.info(line.rstrip())
         returncode = process.wait()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 9)
-            process.wait()
+        if process.poll() is None:  # the task was stopped (a timeout): so is the stage, children and all
+            _stop(process)
     if returncode != 0:
         tail = "\n".join(lines[-OUTPUT_TAIL_LINES:])
         raise RuntimeError(f"{stage.name}: `{stage.cmd}` exited {returncode}:\n{tail}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM first (a training marks its MLflow run KILLED and keeps its last checkpoint), then SIGKILL."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _gpus_of(config: Config, stage: Stage, machine_gpus: int) -> int:
