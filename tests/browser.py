@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from servers import stop
+
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 START_TIMEOUT_S = 60
 LOAD_TIMEOUT_S = 60
@@ -116,11 +118,7 @@ def chromium() -> Iterator[DevTools]:
             finally:
                 tools.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process, timeout=10)
 
 
 def _devtools_port(process: subprocess.Popen) -> int:

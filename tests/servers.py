@@ -24,6 +24,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server process; kill it if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def postgres_unreachable() -> str | None:
     """Why PostgreSQL cannot be used here (a skip reason), or None when it can."""
     try:
@@ -99,6 +109,5 @@ def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
         log_file.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from conftest import tiny_params, write_project
-from servers import free_port
+from servers import free_port, stop
 
 READY_TIMEOUT_S = 120
 
@@ -95,12 +95,7 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
                 time.sleep(0.2)
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def listing(url: str) -> dict[str, dict]:

@@ -33,6 +33,7 @@ from servers import (
     postgres_rows,
     postgres_unreachable,
     running_mlflow_server,
+    stop,
 )
 
 FULL = "dlpipe/weekly-retrain"
@@ -91,12 +92,7 @@ class PrefectServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc, timeout=20)
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
