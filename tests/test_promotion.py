@@ -19,6 +19,7 @@ MNIST = {"source": "mnist_5k", "test_sha256": "a" * 64, "input_shape": [1, 28, 2
 ACCURACY = ("onnx_accuracy", True)
 RATIO = ("rmse_ratio_vs_persistence", False)
 SETTINGS = PromoteParams()  # thresholds onnx_accuracy >= 0.95, ratio <= 1.05; 50 ms at batch 1; int8 loss 0.005
+LOSSES = promotion.allowed_losses(SETTINGS)  # int8 and fp16: 0.005 each
 
 
 @pytest.fixture
@@ -43,19 +44,33 @@ def _pair(config, fp32: float, int8: float, fp32_ms: float = 5.0, int8_ms: float
 
 def test_fastest_variant_within_the_allowed_loss_is_chosen():
     fp32, int8 = Candidate("fp32", "1", 0.980, 5.0), Candidate("int8", "2", 0.977, 2.0)
-    assert promotion.choose([fp32, int8], higher_is_better=True, max_loss=0.005) is int8
+    assert promotion.choose([fp32, int8], higher_is_better=True, max_loss=LOSSES) is int8
     # 0.6 points lost: over the 0.5 allowed, so the slower fp32 graph is offered.
     lossy = Candidate("int8", "2", 0.974, 2.0)
-    assert promotion.choose([fp32, lossy], higher_is_better=True, max_loss=0.005) is fp32
+    assert promotion.choose([fp32, lossy], higher_is_better=True, max_loss=LOSSES) is fp32
     # An int8 graph that is slower is never chosen, however accurate.
     slow = Candidate("int8", "2", 0.981, 6.0)
-    assert promotion.choose([fp32, slow], higher_is_better=True, max_loss=0.005) is fp32
+    assert promotion.choose([fp32, slow], higher_is_better=True, max_loss=LOSSES) is fp32
+
+
+def test_each_variant_is_held_to_its_own_allowed_loss():
+    fp32 = Candidate("fp32", "1", 0.980, 5.0)
+    int8, fp16 = Candidate("int8", "2", 0.977, 2.0), Candidate("fp16", "3", 0.980, 1.0)
+    # On a GPU the fp16 graph is the fastest and loses nothing: it is offered over int8.
+    assert promotion.choose([fp32, int8, fp16], True, LOSSES) is fp16
+    # Allowed no loss at all, int8 drops out while fp16 (equal to fp32) stays eligible.
+    strict_int8 = {"int8": 0.0, "fp16": 0.005}
+    assert promotion.choose([fp32, int8, Candidate("fp16", "3", 0.980, 3.0)], True, strict_int8).variant == "fp16"
+    assert promotion.choose([fp32, int8], True, strict_int8) is fp32
+    # An fp16 graph that lost more than max_fp16_loss is passed over, however fast.
+    assert promotion.choose([fp32, int8, Candidate("fp16", "3", 0.970, 0.5)], True, LOSSES) is int8
+    assert SETTINGS.max_fp16_loss == 0.005
 
 
 def test_loss_is_measured_in_the_metrics_direction():
     fp32 = Candidate("fp32", "1", 0.995, 1.0)  # a ratio: lower is better
-    assert promotion.choose([fp32, Candidate("int8", "2", 0.999, 0.5)], False, 0.005).variant == "int8"
-    assert promotion.choose([fp32, Candidate("int8", "2", 1.001, 0.5)], False, 0.005).variant == "fp32"
+    assert promotion.choose([fp32, Candidate("int8", "2", 0.999, 0.5)], False, LOSSES).variant == "int8"
+    assert promotion.choose([fp32, Candidate("int8", "2", 1.001, 0.5)], False, LOSSES).variant == "fp32"
 
 
 def test_refusals_name_the_threshold_and_the_budget():
@@ -80,6 +95,11 @@ def test_candidates_read_the_metrics_and_export_record():
     export_info = {"registered_version": "3", "int8": {"registered_version": "4"}}
     found = promotion.candidates(metrics, export_info, "onnx_accuracy", 32)
     assert found == [Candidate("fp32", "3", 0.98, 5.0), Candidate("int8", "4", 0.979, 2.0)]
+    # An fp16 variant joins only where evaluate measured it (its metric is in the file).
+    measured = metrics | {"fp16_accuracy": 0.98, "latency_ms_fp16_b1_p50": 0.2, "latency_ms_fp16_b32_p50": 1.0}
+    export_info["fp16"] = {"registered_version": "5", "measured": True}
+    found = promotion.candidates(measured, export_info, "onnx_accuracy", 32)
+    assert found[-1] == Candidate("fp16", "5", 0.98, 1.0) and len(found) == 3
     assert int8_metric_name("rmse_ratio_vs_persistence") == "int8_rmse_ratio_vs_persistence"
 
 

@@ -1,6 +1,6 @@
-"""dlpipe.quantize: static QDQ int8 of a convolutional classifier calibrated on real MNIST digits, dynamic
-int8 of an LSTM forecaster, the dlpipe metadata on both, and atomic writes that leave nothing behind when
-the source or the quantization is bad."""
+"""dlpipe.quantize and dlpipe.fp16: static QDQ int8 of a convolutional classifier calibrated on real MNIST
+digits, dynamic int8 of an LSTM forecaster, the fp16 variant of both, the dlpipe metadata on all, and atomic
+writes that leave nothing behind when the source or the conversion is bad."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from dlpipe import fp16 as fp16_module
 from dlpipe import quantize as quantize_module
 from dlpipe.errors import DlpipeError
 from dlpipe.export import export_onnx
@@ -257,10 +258,74 @@ def test_dynamic_int8_lstm_is_close_and_keeps_the_window_dynamic(lstm_onnx, tmp_
         assert np.max(np.abs(got - expected)) <= tolerance, f"window {window}"
 
 
+# ------------------------------------------------------------------------------------------------- fp16
+
+
+def test_fp16_halves_the_weights_keeps_float32_io_and_agrees_on_real_digits(classifier_onnx, digits, tmp_path):
+    target = tmp_path / "model.fp16.onnx"
+    fp16_module.convert_fp16(classifier_onnx, target)
+    graph = onnx.load(str(target)).graph
+    weight_types = {init.data_type for init in graph.initializer}  # (int64 shapes stay int64)
+    assert onnx.TensorProto.FLOAT16 in weight_types and onnx.TensorProto.FLOAT not in weight_types
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # callers feed the same arrays
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert target.stat().st_size < 0.6 * classifier_onnx.stat().st_size  # half the weight bytes, plus the graph
+    assert _metadata(target) == {**METADATA, "dlpipe.variant": "fp16"}
+    fp32 = run_batched(create_session(classifier_onnx, ["cpu"]), digits["eval"])
+    half = run_batched(create_session(target, ["cpu"]), digits["eval"])
+    assert half.dtype == np.float32
+    # fp16 keeps ~3 significant digits: logits within 1% of their range, the same class on 299 of 300 digits.
+    assert np.max(np.abs(half - fp32)) <= 0.01 * float(np.ptp(fp32))
+    assert (half.argmax(1) == fp32.argmax(1)).mean() >= 299 / 300
+
+
+def test_fp16_lstm_keeps_the_window_dynamic(lstm_onnx, tmp_path):
+    target = tmp_path / "model.fp16.onnx"
+    fp16_module.convert_fp16(lstm_onnx, target)
+    window_dim = onnx.load(str(target)).graph.input[0].type.tensor_type.shape.dim[1]
+    assert window_dim.dim_param and not window_dim.HasField("dim_value")
+    fp32, half = create_session(lstm_onnx, ["cpu"]), create_session(target, ["cpu"])
+    rng = np.random.default_rng(0)
+    for window in (10, 20, 40):
+        x = rng.standard_normal((64, window, 6)).astype(np.float32)
+        expected = run_batched(fp32, x)
+        assert np.max(np.abs(run_batched(half, x) - expected)) <= 0.01 * float(np.ptp(expected)), f"window {window}"
+
+
+def test_fp16_is_measured_where_onnx_runtime_runs_cuda(monkeypatch):
+    assert fp16_module.measured("always", ["cpu"]) and not fp16_module.measured("never", ["cuda", "cpu"])
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert not fp16_module.measured("cuda", ["cuda", "cpu"])  # the CPU build: not offered
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert fp16_module.measured("cuda", ["cuda", "cpu"])
+    assert not fp16_module.measured("cuda", ["cpu"])  # evaluate.providers asks for the CPU
+
+
+def test_a_failed_fp16_conversion_keeps_the_previous_file_and_no_temp(classifier_onnx, lstm_onnx, tmp_path):
+    target = tmp_path / "model.fp16.onnx"
+    fp16_module.convert_fp16(lstm_onnx, target)
+    before = target.read_bytes()
+
+    def failing(model, **kwargs):
+        raise ValueError("cannot convert\nsecond line")
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(fp16_module, "convert_float_to_float16", failing)
+    try:
+        with pytest.raises(DlpipeError, match=r"fp16 conversion failed \(ValueError: cannot convert\)$"):
+            fp16_module.convert_fp16(classifier_onnx, target)
+    finally:
+        monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp16.onnx"]
+    with pytest.raises(DlpipeError, match="must not overwrite its fp32 source"):
+        fp16_module.convert_fp16(classifier_onnx, classifier_onnx)
+
+
 # ------------------------------------------------------------------------------------------ errors, atomicity
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@pytest.mark.parametrize("kind", ["static", "dynamic", "fp16"])
 @pytest.mark.parametrize("source", ["missing", "garbage", "empty"])
 def test_a_bad_source_is_one_line_and_leaves_no_file(tmp_path, digits, kind, source):
     fp32 = tmp_path / "src" / "model.onnx"
@@ -272,8 +337,10 @@ def test_a_bad_source_is_one_line_and_leaves_no_file(tmp_path, digits, kind, sou
     with pytest.raises(DlpipeError) as caught:
         if kind == "static":
             quantize_static_int8(fp32, out / "model.int8.onnx", digits["calibration"])
-        else:
+        elif kind == "dynamic":
             quantize_dynamic_int8(fp32, out / "model.int8.onnx")
+        else:
+            fp16_module.convert_fp16(fp32, out / "model.fp16.onnx")
     message = str(caught.value)
     assert "\n" not in message and str(fp32) in message
     assert ("file not found" if source == "missing" else "not a readable ONNX model") in message
@@ -326,6 +393,6 @@ def test_a_failed_quantization_keeps_the_previous_file_and_no_temp(classifier_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
 
 
-def test_quantize_never_imports_torch():
-    code = "import sys, dlpipe.quantize; sys.exit('torch' in sys.modules)"
+def test_quantize_and_fp16_never_import_torch():
+    code = "import sys, dlpipe.quantize, dlpipe.fp16; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

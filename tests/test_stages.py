@@ -35,7 +35,10 @@ def pipeline_run(tmp_path_factory):
     from dlpipe.config import load_config
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    config = load_config(write_project(tmp_path_factory.mktemp("pipeline"), tiny_params()))
+    params = tiny_params()
+    # The fp16 variant registered, evaluated and offered to the gate here too, as it is on a CUDA machine.
+    params["export"]["fp16"] = "always"
+    config = load_config(write_project(tmp_path_factory.mktemp("pipeline"), params))
     results = {
         "fetch_images": stages.fetch_images(config),
         "fetch_stocks": stages.fetch_stocks(config),
@@ -200,6 +203,42 @@ def test_int8_variant_is_smaller_and_measured(pipeline_run, model, quantization,
         speedup = metrics[f"latency_ms_onnx_b{batch}_p50"] / metrics[f"latency_ms_int8_b{batch}_p50"]
         assert metrics[f"int8_speedup_b{batch}"] == pytest.approx(speedup)
     assert metric in metrics
+
+
+@pytest.mark.parametrize("model", ["cnn", "lstm", "dcgan"])
+def test_fp16_variant_is_registered_measured_and_offered_to_the_gate(pipeline_run, model):
+    import onnx
+
+    from dlpipe.tasks.base import variant_metric_name
+
+    config, results = pipeline_run
+    info = results[f"export@{model}"]["fp16"]
+    assert info["measured"] is True and info["registered_version"] is not None
+    fp16_file = onnx.load(config.paths.onnx_fp16(model))
+    props = {p.key: p.value for p in fp16_file.metadata_props}
+    assert props["dlpipe.variant"] == "fp16" and props["dlpipe.model"] == model
+    weight_types = {init.data_type for init in fp16_file.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weight_types and onnx.TensorProto.FLOAT not in weight_types
+    assert fp16_file.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # callers feed float32
+    version = tracking.client(config).get_model_version(tracking.registered_name(model), info["registered_version"])
+    assert (
+        version.tags["variant"] == "fp16"
+        and version.tags["fp32_version"] == results[f"export@{model}"]["registered_version"]
+    )
+    metrics = json.loads(config.paths.metrics(model).read_text())
+    metric = task_of(config, model).promotion[0]
+    fp32_score, fp16_score = metrics[metric], metrics[variant_metric_name("fp16", metric)]
+    assert fp16_score == pytest.approx(fp32_score, rel=0.02)  # half precision, same predictions within 2%
+    # Half the weights' bytes; the graph's structure and metadata weigh the same (most of a tiny LSTM's file).
+    assert metrics["fp16_size_ratio"] == metrics["fp16_size_bytes"] / metrics["onnx_size_bytes"] < 0.9
+    for batch in (1, 32):
+        speedup = metrics[f"latency_ms_onnx_b{batch}_p50"] / metrics[f"latency_ms_fp16_b{batch}_p50"]
+        assert metrics[f"fp16_speedup_b{batch}"] == pytest.approx(speedup)
+    rows = [row.split(",") for row in config.paths.latency_csv(model).read_text().splitlines()[1:]]
+    assert [(batch, backend) for batch, backend, _ in rows[-2:]] == [("1", "fp16"), ("32", "fp16")]  # dvc plots' line
+    # The gate weighed it: every registered variant carries its figure, whichever it chose.
+    assert results[f"evaluate@{model}"]["promotion"]["chosen_variant"] in ("fp32", "int8", "fp16")
+    assert float(version.tags[metric]) == pytest.approx(fp16_score)
 
 
 def test_exported_classifier_agrees_with_torch_on_the_whole_test_split(pipeline_run):

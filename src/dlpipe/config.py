@@ -228,6 +228,9 @@ class ExportParams(_Strict):
     # The int8 variant beside model.onnx: static (calibrated) for convolutional nets, dynamic for recurrent ones.
     calibration_samples: PositiveInt = 256  # training inputs the static quantization calibrates activations on
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # The fp16 variant (always written) is registered, evaluated and offered to the gate where ONNX Runtime has
+    # its CUDA provider ("cuda"), everywhere ("always"; on a CPU it is usually slower than fp32) or nowhere.
+    fp16: Literal["cuda", "always", "never"] = "cuda"
 
 
 class PromoteParams(_Strict):
@@ -240,6 +243,7 @@ class PromoteParams(_Strict):
     max_latency_ms: PositiveFloat = 50.0  # p50 ONNX Runtime latency of the chosen variant at `latency_batch`
     latency_batch: Literal[1, 32] = 1  # the batch size deployment cares about
     max_int8_loss: Annotated[float, Field(ge=0.0)] = 0.005  # the int8 variant may lose this much of the metric
+    max_fp16_loss: Annotated[float, Field(ge=0.0)] = 0.005  # the fp16 variant may lose this much of the metric
 
 
 class BaselineParams(_Strict):
@@ -493,6 +497,9 @@ class Paths:
 
     def onnx_int8(self, model: str) -> Path:
         return self.model_dir(model) / "model.int8.onnx"
+
+    def onnx_fp16(self, model: str) -> Path:
+        return self.model_dir(model) / "model.fp16.onnx"
 
     def export_info(self, model: str) -> Path:
         return self.model_dir(model) / "export.json"

@@ -18,10 +18,11 @@ from dlpipe.errors import DlpipeError
 from dlpipe.plots import latency_rows, save_csv
 from dlpipe.runtime import InputContract, create_session, latency_ms
 from dlpipe.tasks import task_of
+from dlpipe.tasks.base import VARIANTS, variant_metric_name
 
 
 def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], sample: np.ndarray) -> dict[str, float]:
-    """p50/p99 latencies in ms of PyTorch and of each ONNX Runtime session ("onnx" = fp32, "int8"), at batch 1
+    """p50/p99 latencies in ms of PyTorch and of each ONNX Runtime session ("onnx" = fp32, "int8", "fp16"), at batch 1
     and 32; batches are built from real inputs (repeated if the split is small). The sessions are timed in
     alternating rounds, so a machine that slows down mid-measurement slows all of them alike."""
     warmup, runs = config.params.evaluate.latency_warmup, config.params.evaluate.latency_runs
@@ -45,13 +46,14 @@ def latency_table(config: Config, network: nn.Module, sessions: dict[str, Any], 
     }
     for (name, size), value in p50.items():
         table[f"latency_ms_{name}_b{size}_p50"] = value
-    if "int8" in sessions:
-        for size in batches:
-            table[f"int8_speedup_b{size}"] = p50[("onnx", size)] / p50[("int8", size)]
+    for variant in VARIANTS:
+        if variant in sessions:
+            for size in batches:
+                table[f"{variant}_speedup_b{size}"] = p50[("onnx", size)] / p50[(variant, size)]
     return table
 
 
-BACKENDS = ("torch", "onnx", "int8")  # the CSV's row order: eager PyTorch, then the fp32 and int8 graphs
+BACKENDS = ("torch", "onnx", *VARIANTS)  # the CSV's row order: eager PyTorch, the fp32 graph, its variants
 
 
 def write_latency_csv(metrics: dict[str, Any], target: Path) -> None:
@@ -63,10 +65,12 @@ def write_latency_csv(metrics: dict[str, Any], target: Path) -> None:
     save_csv(pd.DataFrame(rows, columns=["batch", "backend", "p50_ms"]), target)
 
 
-def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> dict[str, Any]:
-    """Metrics of the exported `model` on its test split: the task's (fp32 graph), the int8 variant's
-    promotion metric, the latency table, and the training facts from `train_info` (train.json)."""
-    from dlpipe.tasks.base import int8_metric_name
+def evaluate_model(
+    config: Config, model: str, train_info: dict[str, Any], export_info: dict[str, Any]
+) -> dict[str, Any]:
+    """Metrics of the exported `model` on its test split: the task's (fp32 graph), each measured variant's
+    promotion metric (int8; fp16 where export.json says it is measured), the latency table, and the training
+    facts from `train_info` (train.json)."""
 
     task = task_of(config, model)
     onnx_path = config.paths.onnx(model)
@@ -81,14 +85,17 @@ def evaluate_model(config: Config, model: str, train_info: dict[str, Any]) -> di
     if missing:  # a task that breaks its own promise would silently drop columns from reports and promotion
         raise RuntimeError(f"{task.name} task returned no {', '.join(missing)} for {model}")
     metrics["onnx_provider"] = sessions["onnx"].get_providers()[0]
-    int8_path = config.paths.onnx_int8(model)
-    if int8_path.is_file():
-        sessions["int8"] = create_session(int8_path, providers)
-        score = task.promotion_score(config, model, network, sessions["int8"])
-        metrics[int8_metric_name(task.promotion[0])] = score
-        metrics["onnx_size_bytes"] = onnx_path.stat().st_size
-        metrics["int8_size_bytes"] = int8_path.stat().st_size
-        metrics["int8_size_ratio"] = metrics["int8_size_bytes"] / metrics["onnx_size_bytes"]
+    metrics["onnx_size_bytes"] = onnx_path.stat().st_size
+    variant_paths = {"int8": config.paths.onnx_int8(model), "fp16": config.paths.onnx_fp16(model)}
+    for variant, path in variant_paths.items():
+        if not path.is_file() or (variant == "fp16" and not (export_info.get("fp16") or {}).get("measured")):
+            continue
+        sessions[variant] = create_session(path, providers)
+        metrics[variant_metric_name(variant, task.promotion[0])] = task.promotion_score(
+            config, model, network, sessions[variant]
+        )
+        metrics[f"{variant}_size_bytes"] = path.stat().st_size
+        metrics[f"{variant}_size_ratio"] = metrics[f"{variant}_size_bytes"] / metrics["onnx_size_bytes"]
     metrics.update(latency_table(config, network, sessions, task.reference_inputs(config, model)))
     metrics.update({key: train_info[key] for key in ("trainable_params", "train_seconds", "epochs_trained")})
     if "multiply_adds" in train_info:  # per sample; absent from a train.json written before it was counted

@@ -1,10 +1,11 @@
 """Which version serves: the promotion gate evaluate applies, and the manual `dlpipe promote` / `rollback`.
 
-Each export registers two versions of `dlpipe-<model>`: the fp32 graph and its int8 variant. After
-evaluation the gate picks the variant to offer (the fastest at `promote.latency_batch` among those within
-`promote.max_int8_loss` of fp32's metric), then lets it take `champion` only when it reaches the task's
-threshold, fits the latency budget, and beats the current champion on the same test data
-(dlpipe.tracking.promote_if_better). Every move of the alias is recorded, so `rollback` can undo it.
+Each export registers versions of `dlpipe-<model>`: the fp32 graph, its int8 variant and, where it is
+measured (`export.fp16`: on ONNX Runtime's CUDA provider by default), its fp16 variant. After evaluation the
+gate picks the variant to offer (the fastest at `promote.latency_batch` among those within
+`promote.max_int8_loss` / `max_fp16_loss` of fp32's metric), then lets it take `champion` only when it
+reaches the task's threshold, fits the latency budget, and beats the current champion on the same test
+data (dlpipe.tracking.promote_if_better). Every move of the alias is recorded, so `rollback` can undo it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from dlpipe import tracking
 from dlpipe.config import Config, PromoteParams
 from dlpipe.errors import DlpipeError
-from dlpipe.tasks.base import int8_metric_name
+from dlpipe.tasks.base import VARIANTS, variant_metric_name
 
 log = logging.getLogger("dlpipe")
 GATE_TAG = "gate"  # version tag: why the gate promoted or refused it
@@ -26,40 +27,46 @@ GATE_TAG = "gate"  # version tag: why the gate promoted or refused it
 class Candidate:
     """One registered variant of a freshly evaluated model."""
 
-    variant: str  # fp32 | int8
+    variant: str  # fp32 | int8 | fp16
     version: str | None  # registry version (None when the model is not registered)
     metric: float  # the task's promotion metric through ONNX Runtime
     latency_ms: float  # p50 at promote.latency_batch
 
 
 def candidates(metrics: dict[str, Any], export_info: dict[str, Any], metric: str, batch: int) -> list[Candidate]:
-    """fp32 first, then int8 when it was measured."""
+    """fp32 first, then each variant (int8, fp16) that was measured."""
     found = [
         Candidate(
             "fp32", export_info.get("registered_version"), metrics[metric], metrics[f"latency_ms_onnx_b{batch}_p50"]
         )
     ]
-    if int8_metric_name(metric) in metrics:
-        found.append(
-            Candidate(
-                "int8",
-                (export_info.get("int8") or {}).get("registered_version"),
-                metrics[int8_metric_name(metric)],
-                metrics[f"latency_ms_int8_b{batch}_p50"],
+    for variant in VARIANTS:
+        if variant_metric_name(variant, metric) in metrics:
+            found.append(
+                Candidate(
+                    variant,
+                    (export_info.get(variant) or {}).get("registered_version"),
+                    metrics[variant_metric_name(variant, metric)],
+                    metrics[f"latency_ms_{variant}_b{batch}_p50"],
+                )
             )
-        )
     return found
 
 
-def choose(options: list[Candidate], higher_is_better: bool, max_loss: float) -> Candidate:
-    """The fastest variant whose metric is within `max_loss` of the fp32 one's (fp32 itself always is)."""
+def choose(options: list[Candidate], higher_is_better: bool, max_loss: dict[str, float]) -> Candidate:
+    """The fastest variant whose metric is within its `max_loss` of the fp32 one's (fp32 itself always is)."""
     reference = options[0].metric
 
     def loss(candidate: Candidate) -> float:
         return reference - candidate.metric if higher_is_better else candidate.metric - reference
 
-    allowed = [c for c in options if loss(c) <= max_loss]
+    allowed = [options[0]] + [c for c in options[1:] if loss(c) <= max_loss[c.variant]]
     return min(allowed, key=lambda c: c.latency_ms)
+
+
+def allowed_losses(settings: PromoteParams) -> dict[str, float]:
+    """How much of the fp32 metric each variant may lose and still be chosen."""
+    return {"int8": settings.max_int8_loss, "fp16": settings.max_fp16_loss}
 
 
 def refusals(candidate: Candidate, metric: str, higher_is_better: bool, settings: PromoteParams) -> list[str]:
@@ -90,7 +97,7 @@ def gate(
     decision recorded in the metrics file: the chosen variant and version, `champion` (bool), the reasons."""
     metric, higher_is_better = promotion
     settings = config.params.promote
-    chosen = choose(options, higher_is_better, settings.max_int8_loss)
+    chosen = choose(options, higher_is_better, allowed_losses(settings))
     reasons = refusals(chosen, metric, higher_is_better, settings)
     decision = {"chosen_variant": chosen.variant, "chosen_version": chosen.version, "refused": reasons}
     if chosen.version is None:  # not registered: nothing to point an alias at

@@ -122,7 +122,7 @@ def quantize_static_int8(
 def quantize_static_with(fp32_path: Path, int8_path: Path, calibration: np.ndarray, settings: StaticSettings) -> None:
     """`quantize_static_int8` with every setting explicit (the benchmark's sweep of alternatives)."""
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    source = _load_source(fp32_path, int8_path)
+    source = load_source(fp32_path, int8_path)
     input_name = _check_calibration(source, calibration, fp32_path)
     with tempfile.TemporaryDirectory(prefix="dlpipe-quantize-") as scratch:
         prepared = _prepare(fp32_path, Path(scratch))
@@ -150,7 +150,7 @@ def quantize_static_with(fp32_path: Path, int8_path: Path, calibration: np.ndarr
                     extra_options=_static_extra_options(settings),
                 ),
             )
-            _finish(tmp, source, STATIC_VARIANT)
+            stamp_variant(tmp, source, STATIC_VARIANT)
 
 
 def quantize_dynamic_int8(fp32_path: Path, int8_path: Path) -> None:
@@ -158,7 +158,7 @@ def quantize_dynamic_int8(fp32_path: Path, int8_path: Path) -> None:
     and RNN nodes have no int8 kernel in onnxruntime and stay fp32. Written atomically; the source's
     `dlpipe.*` metadata is copied and `dlpipe.variant` = "int8-dynamic" added."""
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    source = _load_source(fp32_path, int8_path)
+    source = load_source(fp32_path, int8_path)
     if not any(node.op_type in DYNAMIC_OP_TYPES for node in source.graph.node):
         raise DlpipeError(f"{fp32_path}: no {'/'.join(DYNAMIC_OP_TYPES)} node to quantize dynamically")
     with tempfile.TemporaryDirectory(prefix="dlpipe-quantize-") as scratch:
@@ -173,7 +173,7 @@ def quantize_dynamic_int8(fp32_path: Path, int8_path: Path) -> None:
                     weight_type=QuantType.QInt8,  # u8 activations x s8 weights: the VNNI/AMX kernels
                 ),
             )
-            _finish(tmp, source, DYNAMIC_VARIANT)
+            stamp_variant(tmp, source, DYNAMIC_VARIANT)
 
 
 def int8_op_counts(path: Path) -> dict[str, int]:
@@ -193,12 +193,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_source(fp32_path: Path, int8_path: Path) -> onnx.ModelProto:
-    """The fp32 model, checked before anything is written: a bad source must leave no int8 file behind."""
+def load_source(fp32_path: Path, variant_path: Path) -> onnx.ModelProto:
+    """The fp32 model, checked before anything is written: a bad source must leave no variant file behind."""
     if not fp32_path.is_file():
         raise DlpipeError(f"{fp32_path}: file not found (export the fp32 model first)")
-    if int8_path.resolve() == fp32_path.resolve():
-        raise DlpipeError(f"{int8_path}: the int8 model must not overwrite its fp32 source")
+    if variant_path.resolve() == fp32_path.resolve():
+        raise DlpipeError(f"{variant_path}: a variant must not overwrite its fp32 source")
     try:
         model = onnx.load(str(fp32_path))
         onnx.checker.check_model(model)
@@ -259,8 +259,8 @@ def _static_extra_options(settings: StaticSettings) -> dict[str, bool]:
     }
 
 
-def _finish(tmp: Path, source: onnx.ModelProto, variant: str) -> None:
-    """The source's dlpipe metadata and the variant onto the quantized file (still at its temporary name)."""
+def stamp_variant(tmp: Path, source: onnx.ModelProto, variant: str) -> None:
+    """The source's dlpipe metadata and the variant onto a variant's file (still at its temporary name)."""
     model = onnx.load(str(tmp))
     kept = [prop for prop in model.metadata_props if not prop.key.startswith("dlpipe.")]
     copied = [prop for prop in source.metadata_props if prop.key.startswith("dlpipe.") and prop.key != VARIANT_KEY]

@@ -35,6 +35,15 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 
+def provider_in_use(providers: Sequence[str]) -> str:
+    """The execution provider a session asked for `providers` would try first: the first of them this
+    onnxruntime build has (the CPU's when none is)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return next((PROVIDERS[p] for p in providers if PROVIDERS.get(p) in available), PROVIDERS["cpu"])
+
+
 def create_session(
     path: Path | str,
     providers: Sequence[str] = ("cuda", "cpu"),

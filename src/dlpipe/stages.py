@@ -144,8 +144,9 @@ def train(config: Config, model: str) -> dict[str, Any] | None:
 
 
 def export(config: Config, model: str) -> dict[str, Any]:
-    """ONNX export gated on parity with PyTorch, then its int8 variant; both registered in MLflow."""
-    from dlpipe import tracking
+    """ONNX export gated on parity with PyTorch, then its int8 and fp16 variants; fp32 and int8 registered in
+    MLflow, fp16 too where it is measured (`export.fp16`)."""
+    from dlpipe import fp16, tracking
     from dlpipe.export import export_with_parity
     from dlpipe.tasks import task_of
 
@@ -165,14 +166,26 @@ def export(config: Config, model: str) -> dict[str, Any]:
     diffs = {name: value for name, value in checks.items() if name != "top1_agreement"}
     diff = max(diffs.values())
     int8 = export_int8(config, model, task)
+    fp16_path = config.paths.onnx_fp16(model)
+    fp16.convert_fp16(target, fp16_path)
+    fp16_sizes = {
+        "fp16_size_bytes": fp16_path.stat().st_size,
+        "fp16_size_ratio": fp16_path.stat().st_size / target.stat().st_size,
+    }
     # The parity gate's worst case over its batches (and a forecaster's longer windows): evaluate's
     # onnx_max_abs_diff is over the test split.
-    logged = {"onnx_max_abs_diff_parity": diff, "onnx_size_bytes": target.stat().st_size, **int8["sizes"]}
+    logged = {
+        "onnx_max_abs_diff_parity": diff,
+        "onnx_size_bytes": target.stat().st_size,
+        **int8["sizes"],
+        **fp16_sizes,
+    }
     if "top1_agreement" in checks:
         # On the whole test split, as evaluate measures it again: one name for the one quantity.
         logged["onnx_top1_agreement"] = checks["top1_agreement"]
     tracking.log_metrics(config, train_info["run_id"], logged)
-    version = int8_version = None
+    version = int8_version = fp16_version = None
+    fp16_measured = fp16.measured(settings.fp16, config.params.evaluate.providers)
     if config.params.mlflow.register_model:
         example, run_id = inputs[:EXAMPLE_ROWS], train_info["run_id"]
         version = tracking.register_onnx(config, model, run_id, target, example, metadata)
@@ -181,6 +194,11 @@ def export(config: Config, model: str) -> dict[str, Any]:
         int8_version = tracking.register_onnx(
             config, model, run_id, int8_path, example, int8_metadata, variant="int8", fp32_version=version
         )
+        if fp16_measured:
+            fp16_metadata = {**metadata, "dlpipe.variant": fp16.FP16_VARIANT}
+            fp16_version = tracking.register_onnx(
+                config, model, run_id, fp16_path, example, fp16_metadata, variant="fp16", fp32_version=version
+            )
     info = {
         "onnx_sha256": sha256_file(target),  # evaluate refuses a file changed after export
         "onnx_max_abs_diff": diff,
@@ -191,6 +209,11 @@ def export(config: Config, model: str) -> dict[str, Any]:
             "sha256": sha256_file(config.paths.onnx_int8(model)),
             "quantization": int8["variant"],
             "registered_version": int8_version,
+        },
+        "fp16": {
+            "sha256": sha256_file(fp16_path),
+            "measured": fp16_measured,  # evaluate times it and the gate may choose it (export.fp16)
+            "registered_version": fp16_version,
         },
         "opset": settings.opset,
     }
@@ -228,10 +251,13 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     if sha256_file(onnx_path) != export_info["onnx_sha256"]:
         # Its metrics would be tagged on the registered version, which holds the file export wrote.
         raise DlpipeError(f"{onnx_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
-    int8_path, int8_info = config.paths.onnx_int8(model), export_info.get("int8") or {}
-    if int8_path.is_file() and sha256_file(int8_path) != int8_info.get("sha256"):
-        raise DlpipeError(f"{int8_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
-    metrics = evaluate_model(config, model, train_info)
+    for variant_path, variant in ((config.paths.onnx_int8(model), "int8"), (config.paths.onnx_fp16(model), "fp16")):
+        variant_info = export_info.get(variant) or {}
+        if variant_path.is_file() and sha256_file(variant_path) != variant_info.get("sha256"):
+            raise DlpipeError(
+                f"{variant_path}: changed since export wrote it (sha256 differs from export.json); rerun export"
+            )
+    metrics = evaluate_model(config, model, train_info, export_info)
     write_json(config.paths.metrics(model), metrics)
     run_id = train_info["run_id"]
     tracking.log_metrics(config, run_id, metrics)

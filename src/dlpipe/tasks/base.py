@@ -204,10 +204,18 @@ class Task(ABC):
         return {}
 
 
+VARIANTS = ("int8", "fp16")  # the graphs derived from each exported fp32 one, offered to the promotion gate
+
+
+def variant_metric_name(variant: str, metric: str) -> str:
+    """A variant's promotion metric: `onnx_accuracy` -> `int8_accuracy`; `rmse_ratio_vs_persistence` ->
+    `fp16_rmse_ratio_vs_persistence`."""
+    return f"{variant}_{metric.removeprefix('onnx_')}"
+
+
 def int8_metric_name(metric: str) -> str:
-    """The int8 variant's promotion metric: `onnx_accuracy` -> `int8_accuracy`; `rmse_ratio_vs_persistence` ->
-    `int8_rmse_ratio_vs_persistence`."""
-    return f"int8_{metric.removeprefix('onnx_')}"
+    """The int8 variant's promotion metric (`variant_metric_name` for "int8")."""
+    return variant_metric_name("int8", metric)
 
 
 _TASKS: dict[str, Task] = {}
