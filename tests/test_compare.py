@@ -53,7 +53,10 @@ FORECASTER = {
     "latency_ms_onnx_b32_p50": 2.5,
     "onnx_size_bytes": 14_000,
 }
-NUMBER_FIELDS = [f.name for f in dataclasses.fields(CompareRow)][2:-4]  # trainable_params .. int8_size_bytes
+FIELDS = [f.name for f in dataclasses.fields(CompareRow)]
+NUMBER_FIELDS = FIELDS[2 : FIELDS.index("champion_version")] + [
+    name for name in FIELDS if name.startswith(("fp16", "latency_ms_fp16"))
+]
 
 
 def _train_run(config, model: str, metrics: dict, start: int, status: str = "FINISHED") -> str:
@@ -197,6 +200,17 @@ def test_format_table_aligns_every_model_with_units_in_the_headers():
     assert "0.052" in lines[3] and "0.017" in lines[3]  # sizes in MB
     assert "12,345" in lines[3]
     assert lines[5].split()[1:] == ["-"] * 15  # ghost: every column a dash (no run column content either)
+
+
+def test_fp16_columns_appear_only_where_some_model_measured_its_fp16_variant():
+    fp16 = {"fp16_accuracy": 0.9118, "latency_ms_fp16_b1_p50": 0.055, "latency_ms_fp16_b32_p50": 0.4321}
+    assert "fp16" not in format_table(rows_from_metrics({"cnn": CLASSIFIER}))
+    rows = rows_from_metrics({"cnn": CLASSIFIER | fp16 | {"fp16_size_bytes": 26_000}, "lstm": FORECASTER})
+    assert (rows[0].fp16_metric, rows[0].latency_ms_fp16_b32, rows[0].fp16_size_bytes) == (0.9118, 0.4321, 26_000)
+    lines = format_table(rows).splitlines()
+    assert lines[1].count("ORT fp16") == 3 and lines[1].split().count("fp16") == 4  # metric, 2 latencies; size
+    assert "0.9118" in lines[3] and "0.432" in lines[3] and "0.026" in lines[3]
+    assert '<th colspan="4">test metric</th>' in render_html(rows)
 
 
 def test_render_html_escapes_names_and_groups_the_headers():

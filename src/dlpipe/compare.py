@@ -53,6 +53,11 @@ class CompareRow:
     champion_variant: str | None
     run_id: str | None
     source: str | None = None  # one of the FROM_* values; None: nothing recorded
+    # The fp16 variant's, where it was measured (export.fp16: on ONNX Runtime's CUDA provider by default).
+    fp16_metric: float | None = None
+    latency_ms_fp16_b1: float | None = None
+    latency_ms_fp16_b32: float | None = None
+    fp16_size_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,19 +68,22 @@ class TaskKeys:
     torch: str
     onnx: str
     int8: str
+    fp16: str
 
 
 def _task_keys() -> dict[str, TaskKeys]:
     """Each registered task's columns, from the task itself (Task.compare_metrics and its promotion metric)."""
     from dlpipe.tasks import get_task, list_tasks
-    from dlpipe.tasks.base import int8_metric_name
+    from dlpipe.tasks.base import variant_metric_name
 
     keys = {}
     for name in list_tasks():
         task = get_task(name)
         label, torch_key = task.compare_metrics
         onnx_key = task.promotion[0]
-        keys[name] = TaskKeys(label, torch_key, onnx_key, int8_metric_name(onnx_key))
+        keys[name] = TaskKeys(
+            label, torch_key, onnx_key, variant_metric_name("int8", onnx_key), variant_metric_name("fp16", onnx_key)
+        )
     return keys
 
 
@@ -137,6 +145,10 @@ def build_row(
         champion_variant=variant,
         run_id=run_id,
         source=source,
+        fp16_metric=_number(metrics, keys.fp16) if keys else None,
+        latency_ms_fp16_b1=_number(metrics, "latency_ms_fp16_b1_p50"),
+        latency_ms_fp16_b32=_number(metrics, "latency_ms_fp16_b32_p50"),
+        fp16_size_bytes=_count(metrics, "fp16_size_bytes"),
     )
 
 
@@ -241,6 +253,7 @@ class Column:
     label: str
     cell: Callable[[CompareRow], str | None]  # None: not recorded (a dash)
     numeric: bool = True
+    optional: bool = False  # shown only when some row has a value (the fp16 variant, measured on GPUs)
 
 
 def _formatted(pattern: str, field: str) -> Callable[[CompareRow], str | None]:
@@ -285,23 +298,32 @@ COLUMNS = (
     Column("test metric", "torch", _formatted("{:.4f}", "test_metric")),
     Column("test metric", "ORT fp32", _formatted("{:.4f}", "onnx_metric")),
     Column("test metric", "ORT int8", _formatted("{:.4f}", "int8_metric")),
+    Column("test metric", "ORT fp16", _formatted("{:.4f}", "fp16_metric"), optional=True),
     Column("p50 ms, batch 1", "torch", _formatted("{:.3f}", "latency_ms_torch_b1")),
     Column("p50 ms, batch 1", "ORT fp32", _formatted("{:.3f}", "latency_ms_onnx_b1")),
     Column("p50 ms, batch 1", "ORT int8", _formatted("{:.3f}", "latency_ms_int8_b1")),
+    Column("p50 ms, batch 1", "ORT fp16", _formatted("{:.3f}", "latency_ms_fp16_b1"), optional=True),
     Column("p50 ms, batch 32", "ORT fp32", _formatted("{:.3f}", "latency_ms_onnx_b32")),
     Column("p50 ms, batch 32", "ORT int8", _formatted("{:.3f}", "latency_ms_int8_b32")),
+    Column("p50 ms, batch 32", "ORT fp16", _formatted("{:.3f}", "latency_ms_fp16_b32"), optional=True),
     Column("size MB", "fp32", _megabytes("onnx_size_bytes")),
     Column("size MB", "int8", _megabytes("int8_size_bytes")),
+    Column("size MB", "fp16", _megabytes("fp16_size_bytes"), optional=True),
     Column("", "champion (variant)", _champion_cell, numeric=False),
     Column("", "run", _run_cell, numeric=False),
 )
 GAP = "  "  # between columns of the text table
 
 
-def _groups() -> list[tuple[str, list[int]]]:
+def columns_for(rows: list[CompareRow]) -> list[Column]:
+    """COLUMNS, less the optional ones no row has a value for."""
+    return [column for column in COLUMNS if not column.optional or any(column.cell(row) for row in rows)]
+
+
+def _groups(columns: list[Column]) -> list[tuple[str, list[int]]]:
     """Runs of neighbouring columns that share a group, as (group, column indices)."""
     runs: list[tuple[str, list[int]]] = []
-    for index, column in enumerate(COLUMNS):
+    for index, column in enumerate(columns):
         if runs and column.group and runs[-1][0] == column.group:
             runs[-1][1].append(index)
         else:
@@ -309,9 +331,9 @@ def _groups() -> list[tuple[str, list[int]]]:
     return runs
 
 
-def _column_widths(cells: list[list[str]]) -> list[int]:
-    widths = [max(len(column.label), *(len(row[i]) for row in cells)) for i, column in enumerate(COLUMNS)]
-    for group, indices in _groups():
+def _column_widths(columns: list[Column], cells: list[list[str]]) -> list[int]:
+    widths = [max(len(column.label), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    for group, indices in _groups(columns):
         span = sum(widths[i] for i in indices) + len(GAP) * (len(indices) - 1)
         missing = len(group) + 6 - span  # the title with at least "-- " either side, so its extent shows
         if group and missing > 0:
@@ -320,46 +342,48 @@ def _column_widths(cells: list[list[str]]) -> list[int]:
     return widths
 
 
-def _aligned(texts: list[str], widths: list[int]) -> str:
+def _aligned(columns: list[Column], texts: list[str], widths: list[int]) -> str:
     parts = [
         text.rjust(width) if column.numeric else text.ljust(width)
-        for text, width, column in zip(texts, widths, COLUMNS, strict=True)
+        for text, width, column in zip(texts, widths, columns, strict=True)
     ]
     return GAP.join(parts).rstrip()
 
 
 def format_table(rows: Iterable[CompareRow]) -> str:
     """A plain-text table for the terminal: a title line over each group of columns, then one line a model."""
-    cells = [[column.cell(row) or "-" for column in COLUMNS] for row in rows]
-    widths = _column_widths(cells)
+    rows = list(rows)
+    columns = columns_for(rows)
+    cells = [[column.cell(row) or "-" for column in columns] for row in rows]
+    widths = _column_widths(columns, cells)
     titles = []
-    for group, indices in _groups():
+    for group, indices in _groups(columns):
         span = sum(widths[i] for i in indices) + len(GAP) * (len(indices) - 1)
         titles.append(f" {group} ".center(span, "-") if group else " " * span)
     lines = [
         GAP.join(titles).rstrip(),
-        _aligned([column.label for column in COLUMNS], widths),
-        _aligned(["-" * width for width in widths], widths),
-        *(_aligned(row, widths) for row in cells),
+        _aligned(columns, [column.label for column in columns], widths),
+        _aligned(columns, ["-" * width for width in widths], widths),
+        *(_aligned(columns, row, widths) for row in cells),
     ]
     return "\n".join(lines)
 
 
-def _html_header() -> str:
+def _html_header(columns: list[Column]) -> str:
     """Two header rows: a group's title spans its columns; a column of its own spans both rows."""
     top, bottom = [], []
-    for group, indices in _groups():
+    for group, indices in _groups(columns):
         if group:
             top.append(f'<th colspan="{len(indices)}">{html.escape(group)}</th>')
-            bottom += [f"<th>{html.escape(COLUMNS[i].label)}</th>" for i in indices]
+            bottom += [f"<th>{html.escape(columns[i].label)}</th>" for i in indices]
         else:
-            top += [f'<th rowspan="2">{html.escape(COLUMNS[i].label)}</th>' for i in indices]
+            top += [f'<th rowspan="2">{html.escape(columns[i].label)}</th>' for i in indices]
     return f"<thead><tr>{''.join(top)}</tr><tr>{''.join(bottom)}</tr></thead>"
 
 
-def _html_row(row: CompareRow) -> str:
+def _html_row(columns: list[Column], row: CompareRow) -> str:
     cells = []
-    for index, column in enumerate(COLUMNS):
+    for index, column in enumerate(columns):
         text = column.cell(row)
         tag = "th" if index == 0 else "td"
         cells.append(f"<{tag}>{'&ndash;' if text is None else html.escape(text)}</{tag}>")
@@ -368,8 +392,10 @@ def _html_row(row: CompareRow) -> str:
 
 def render_html(rows: Iterable[CompareRow]) -> str:
     """The same table as `format_table` as an HTML <table> (every value escaped), for reports/index.html."""
-    body = "".join(_html_row(row) for row in rows)
-    return f'<table class="compare">{_html_header()}<tbody>{body}</tbody></table>'
+    rows = list(rows)
+    columns = columns_for(rows)
+    body = "".join(_html_row(columns, row) for row in rows)
+    return f'<table class="compare">{_html_header(columns)}<tbody>{body}</tbody></table>'
 
 
 def _csv_value(value: Any) -> str:
