@@ -495,11 +495,15 @@ class Paths:
     def onnx(self, model: str) -> Path:
         return self.model_dir(model) / "model.onnx"
 
+    def onnx_variant(self, model: str, variant: str) -> Path:
+        """A graph derived from model.onnx: model.int8.onnx, model.fp16.onnx."""
+        return self.model_dir(model) / f"model.{variant}.onnx"
+
     def onnx_int8(self, model: str) -> Path:
-        return self.model_dir(model) / "model.int8.onnx"
+        return self.onnx_variant(model, "int8")
 
     def onnx_fp16(self, model: str) -> Path:
-        return self.model_dir(model) / "model.fp16.onnx"
+        return self.onnx_variant(model, "fp16")
 
     def export_info(self, model: str) -> Path:
         return self.model_dir(model) / "export.json"

@@ -86,9 +86,10 @@ def evaluate_model(
         raise RuntimeError(f"{task.name} task returned no {', '.join(missing)} for {model}")
     metrics["onnx_provider"] = sessions["onnx"].get_providers()[0]
     metrics["onnx_size_bytes"] = onnx_path.stat().st_size
-    variant_paths = {"int8": config.paths.onnx_int8(model), "fp16": config.paths.onnx_fp16(model)}
-    for variant, path in variant_paths.items():
-        if not path.is_file() or (variant == "fp16" and not (export_info.get("fp16") or {}).get("measured")):
+    for variant in VARIANTS:
+        path = config.paths.onnx_variant(model, variant)
+        # export.json says which variants are measured here (fp16: where ONNX Runtime runs CUDA); int8 always is.
+        if not path.is_file() or not (export_info.get(variant) or {}).get("measured", True):
             continue
         sessions[variant] = create_session(path, providers)
         metrics[variant_metric_name(variant, task.promotion[0])] = task.promotion_score(

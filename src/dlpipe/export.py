@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import atomic_path
 from dlpipe.runtime import INPUT_NAME, OUTPUT_NAME, create_session, run_batched
 
@@ -105,7 +105,7 @@ def parity_diffs(network: nn.Module, onnx_path: Path, cases: dict[str, np.ndarra
         try:
             onnx_outputs = run_batched(session, inputs)
         except Exception as exc:  # onnxruntime's own types: e.g. a dimension fixed where it should be dynamic
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ParityError(f"{onnx_path}: the exported graph cannot run at {name} ({first})") from exc
         diffs[name] = float(np.max(np.abs(run_torch(network, inputs) - onnx_outputs)))
     return diffs

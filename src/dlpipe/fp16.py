@@ -17,7 +17,7 @@ import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import atomic_path
 from dlpipe.quantize import load_source, stamp_variant
 from dlpipe.runtime import PROVIDERS, provider_in_use
@@ -38,8 +38,7 @@ def convert_fp16(fp32_path: Path, fp16_path: Path) -> None:
         OnnxModel(converted).topological_sort()
         onnx.checker.check_model(converted)
     except Exception as exc:  # onnx's ValidationError, a shape inference failure: a graph it cannot convert
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DlpipeError(f"{fp32_path}: fp16 conversion failed ({type(exc).__name__}: {first})") from exc
+        raise DlpipeError(f"{fp32_path}: fp16 conversion failed ({type(exc).__name__}: {first_line(exc)})") from exc
     with atomic_path(fp16_path) as tmp:
         onnx.save(converted, str(tmp))
         stamp_variant(tmp, source, FP16_VARIANT)

@@ -35,7 +35,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import atomic_path
 
 VARIANT_KEY = "dlpipe.variant"
@@ -188,11 +188,6 @@ def int8_op_counts(path: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_source(fp32_path: Path, variant_path: Path) -> onnx.ModelProto:
     """The fp32 model, checked before anything is written: a bad source must leave no variant file behind."""
     if not fp32_path.is_file():
@@ -203,7 +198,7 @@ def load_source(fp32_path: Path, variant_path: Path) -> onnx.ModelProto:
         model = onnx.load(str(fp32_path))
         onnx.checker.check_model(model)
     except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError, ...: all mean an unusable file
-        raise DlpipeError(f"{fp32_path}: not a readable ONNX model ({_first_line(exc)})") from exc
+        raise DlpipeError(f"{fp32_path}: not a readable ONNX model ({first_line(exc)})") from exc
     if not model.graph.node:
         raise DlpipeError(f"{fp32_path}: not a readable ONNX model (the graph has no nodes)")
     return model
@@ -248,7 +243,7 @@ def _run_quantizer(fp32_path: Path, call) -> None:
     except DlpipeError:
         raise
     except Exception as exc:  # onnxruntime's own exception types: a graph it cannot run or quantize
-        raise DlpipeError(f"{fp32_path}: int8 quantization failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise DlpipeError(f"{fp32_path}: int8 quantization failed ({type(exc).__name__}: {first_line(exc)})") from exc
 
 
 def _static_extra_options(settings: StaticSettings) -> dict[str, bool]:

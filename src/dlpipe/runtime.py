@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 
 log = logging.getLogger("dlpipe")
 
@@ -77,7 +77,7 @@ def create_session(
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DlpipeError(f"{path}: not a loadable ONNX model ({first})") from exc
     wanted, used = PROVIDERS[providers[0]], session.get_providers()[0]
     if used != wanted and (strict or (wanted == PROVIDERS["cuda"] and gpu_visible())):

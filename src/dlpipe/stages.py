@@ -165,20 +165,16 @@ def export(config: Config, model: str) -> dict[str, Any]:
     )
     diffs = {name: value for name, value in checks.items() if name != "top1_agreement"}
     diff = max(diffs.values())
-    int8 = export_int8(config, model, task)
+    quantization = export_int8(config, model, task)
     fp16_path = config.paths.onnx_fp16(model)
     fp16.convert_fp16(target, fp16_path)
-    fp16_sizes = {
-        "fp16_size_bytes": fp16_path.stat().st_size,
-        "fp16_size_ratio": fp16_path.stat().st_size / target.stat().st_size,
-    }
     # The parity gate's worst case over its batches (and a forecaster's longer windows): evaluate's
     # onnx_max_abs_diff is over the test split.
     logged = {
         "onnx_max_abs_diff_parity": diff,
         "onnx_size_bytes": target.stat().st_size,
-        **int8["sizes"],
-        **fp16_sizes,
+        **variant_sizes(config, model, "int8"),
+        **variant_sizes(config, model, "fp16"),
     }
     if "top1_agreement" in checks:
         # On the whole test split, as evaluate measures it again: one name for the one quantity.
@@ -189,7 +185,7 @@ def export(config: Config, model: str) -> dict[str, Any]:
     if config.params.mlflow.register_model:
         example, run_id = inputs[:EXAMPLE_ROWS], train_info["run_id"]
         version = tracking.register_onnx(config, model, run_id, target, example, metadata)
-        int8_metadata = {**metadata, "dlpipe.variant": int8["variant"]}
+        int8_metadata = {**metadata, "dlpipe.variant": quantization}
         int8_path = config.paths.onnx_int8(model)
         int8_version = tracking.register_onnx(
             config, model, run_id, int8_path, example, int8_metadata, variant="int8", fp32_version=version
@@ -207,7 +203,7 @@ def export(config: Config, model: str) -> dict[str, Any]:
         "registered_version": version,
         "int8": {
             "sha256": sha256_file(config.paths.onnx_int8(model)),
-            "quantization": int8["variant"],
+            "quantization": quantization,
             "registered_version": int8_version,
         },
         "fp16": {
@@ -221,9 +217,9 @@ def export(config: Config, model: str) -> dict[str, Any]:
     return info
 
 
-def export_int8(config: Config, model: str, task) -> dict[str, Any]:
+def export_int8(config: Config, model: str, task) -> str:
     """models/<model>/model.int8.onnx from the fp32 graph: static QDQ int8 calibrated on training inputs, or
-    dynamic int8, as the task says."""
+    dynamic int8, as the task says. Returns the variant written ("int8-static" | "int8-dynamic")."""
     from dlpipe.quantize import quantize_dynamic_int8, quantize_static_int8
 
     settings = config.params.export
@@ -233,14 +229,20 @@ def export_int8(config: Config, model: str, task) -> dict[str, Any]:
         quantize_static_int8(source, target, calibration, method=settings.calibration_method)
     else:
         quantize_dynamic_int8(source, target)
-    sizes = {"int8_size_bytes": target.stat().st_size, "int8_size_ratio": target.stat().st_size / source.stat().st_size}
-    return {"variant": f"int8-{task.quantization}", "sizes": sizes}
+    return f"int8-{task.quantization}"
+
+
+def variant_sizes(config: Config, model: str, variant: str) -> dict[str, float]:
+    """`<variant>_size_bytes` and `<variant>_size_ratio` (to model.onnx) of a derived graph."""
+    size = config.paths.onnx_variant(model, variant).stat().st_size
+    return {f"{variant}_size_bytes": size, f"{variant}_size_ratio": size / config.paths.onnx(model).stat().st_size}
 
 
 def evaluate(config: Config, model: str) -> dict[str, Any]:
     from dlpipe import promotion, tracking
     from dlpipe.evaluate import evaluate_model
     from dlpipe.tasks import task_of
+    from dlpipe.tasks.base import VARIANTS
 
     task = task_of(config, model)
     train_info = read_json(config.paths.train_info(model), required=TRAIN_INFO_KEYS)
@@ -251,8 +253,8 @@ def evaluate(config: Config, model: str) -> dict[str, Any]:
     if sha256_file(onnx_path) != export_info["onnx_sha256"]:
         # Its metrics would be tagged on the registered version, which holds the file export wrote.
         raise DlpipeError(f"{onnx_path}: changed since export wrote it (sha256 differs from export.json); rerun export")
-    for variant_path, variant in ((config.paths.onnx_int8(model), "int8"), (config.paths.onnx_fp16(model), "fp16")):
-        variant_info = export_info.get(variant) or {}
+    for variant in VARIANTS:
+        variant_path, variant_info = config.paths.onnx_variant(model, variant), export_info.get(variant) or {}
         if variant_path.is_file() and sha256_file(variant_path) != variant_info.get("sha256"):
             raise DlpipeError(
                 f"{variant_path}: changed since export wrote it (sha256 differs from export.json); rerun export"

@@ -21,7 +21,7 @@ import numpy as np
 from dlpipe.config import ImagesParams
 from dlpipe.data.formats import read_cifar10_archive, read_idx
 from dlpipe.data.pixels import MAX_IMAGE_PIXELS, UnreadableImage, image_pixels, open_image
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import read_json
 
 SPLITS = ("train", "val", "test")
@@ -300,7 +300,7 @@ def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DlpipeError(f"{path}: not a readable split ({first})") from exc
     if x.dtype != np.uint8 or x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or y.dtype.kind not in "iu":
         raise DlpipeError(f"{path}: expected uint8 images (N, C, H, W) and N integer labels")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dlpipe.config import StocksParams
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import read_json, sha256_file
 
 PRICE_COLUMNS = ("Open", "High", "Low", "Close", "Volume")
@@ -260,7 +260,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         return pd.read_csv(path, **kwargs)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DlpipeError(f"{path}: not a readable price CSV ({first})") from exc
 
 

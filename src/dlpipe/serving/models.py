@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.io import sha256_file
 from dlpipe.runtime import InputContract, create_session, run_batched
 from dlpipe.serving.tasks import Adapter, BadRequest, adapter_for
@@ -165,7 +165,7 @@ def load_version(
     try:
         outputs = served.run(served.adapter.smoke_input())
     except Exception as exc:  # onnxruntime's own exception types: a graph that loads but cannot run
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DlpipeError(f"{where}: the smoke prediction failed ({first})") from None
     if len(outputs) != 1 or not np.isfinite(outputs).all():
         raise DlpipeError(f"{where}: the smoke prediction is not finite")

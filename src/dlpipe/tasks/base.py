@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import DlpipeError, first_line
 from dlpipe.models import get_model
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class Task(ABC):
             }
             module.load_state_dict(weights)
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise DlpipeError(f"{checkpoint}: not a loadable {self.name} checkpoint ({first})") from exc
         return module.eval()
 
